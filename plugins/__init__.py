@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton) and TensorRT plugin registration."""
