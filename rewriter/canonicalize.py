@@ -1,0 +1,308 @@
+"""Canonicalisation: make exporter noise constant before anyone looks for attention.
+
+Exporters compute the softmax scale and reshape targets at run time from `Shape` chains
+(`Shape → Gather → Cast → Sqrt → Div`), because the traced code said `q.shape[-1] ** -0.5`.
+onnxscript's constant folder handles fully static graphs; a dynamic batch dimension makes it give up
+on the whole chain even though the head dimension it needs is static. `fold_shape_chains` evaluates
+those chains over the static part of shapes and turns them into constants, so the detector sees a
+plain `Mul(x, 0.125)` whatever the exporter wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript import rewriter as onnxscript_rewriter
+from onnxscript.optimizer import _constant_folding
+
+logger = logging.getLogger(__name__)
+
+#: Results of at most this many elements become constants (shape vectors, scales, small masks).
+MAX_FOLDED_ELEMENTS = 4096
+
+
+def canonicalize(model: ir.Model) -> ir.Model:
+    """Fold constants and shape chains, remove dead code and infer shapes, in place; returns `model`."""
+    steps = [
+        common_passes.InlinePass(),
+        _constant_folding.FoldConstantsPass(
+            shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20
+        ),
+        onnxscript_rewriter.RewritePass(onnxscript_rewriter._DEFAULT_REWRITE_RULES),
+        common_passes.RemoveUnusedNodesPass(),
+    ]
+    ir.passes.Sequential(*steps)(model)
+    infer_static_dims(model)
+    if fold_shape_chains(model.graph):
+        ir.passes.Sequential(
+            _constant_folding.FoldConstantsPass(
+                shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20
+            ),
+            common_passes.RemoveUnusedNodesPass(),
+        )(model)
+    common_passes.TopologicalSortPass()(model)
+    return model
+
+
+def infer_static_dims(model: ir.Model) -> int:
+    """Find which dims are static although inputs are dynamic; returns how many shapes improved.
+
+    ONNX shape inference gives up on `Reshape(x, Concat(Shape(x)[0], 17, 4, 8))` when the batch is
+    symbolic. Running it (with data propagation) twice with two different concrete sizes for every
+    dynamic input dim shows which dims follow the inputs (they differ) and which are static (they
+    agree), so `[batch, 4, 17, 8]` is known even for a dynamic-batch export.
+    """
+    proto = ir.serde.serialize_model(model)
+    dynamic = [
+        (inp, i) for inp in proto.graph.input for i, d in enumerate(inp.type.tensor_type.shape.dim)
+        if not d.HasField("dim_value")
+    ]
+    if not dynamic:
+        return 0
+    runs = []
+    for size in (2, 3):
+        for inp, i in dynamic:
+            inp.type.tensor_type.shape.dim[i].dim_value = size
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        except Exception:  # noqa: BLE001 - inference is best effort
+            return 0
+        runs.append({
+            vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")
+        })
+    improved = 0
+    for node in model.graph:
+        for value in node.outputs:
+            a, b = runs[0].get(value.name), runs[1].get(value.name)
+            if a is None or b is None or len(a) != len(b):
+                continue
+            old = list(value.shape) if value.shape is not None else [None] * len(a)
+            if len(old) != len(a):
+                continue
+            new = [x if (x is not None and x == y) else (o if not isinstance(o, int) else o) for x, y, o in zip(a, b, old)]
+            if any(isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old)) or value.shape is None:
+                value.shape = ir.Shape([n if n is not None else None for n in new])
+                improved += 1
+    return improved
+
+
+# ---------------------------------------------------------------------------------------------
+# A small evaluator over constants and the static part of shapes.
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content if it has one (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and node.domain == "":
+            attr = node.attributes.get("value")
+            if attr is not None:
+                tensor = attr.as_tensor()
+            else:
+                for key, kind in (("value_float", np.float32), ("value_int", np.int64)):
+                    if key in node.attributes:
+                        return np.array(node.attributes[key].value, dtype=kind)
+                for key, kind in (("value_floats", np.float32), ("value_ints", np.int64)):
+                    if key in node.attributes:
+                        return np.array(node.attributes[key].value, dtype=kind)
+    if tensor is None:
+        return None
+    if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > MAX_FOLDED_ELEMENTS * 8:
+        return None  # never pull big weights into memory just to look at them
+    try:
+        return tensor.numpy()
+    except Exception:  # noqa: BLE001 - unreadable tensors are simply "not constant"
+        return None
+
+
+def static_dims(value: ir.Value) -> list[int | None] | None:
+    """Shape as a list with None for symbolic dims; None when even the rank is unknown."""
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def _shape_of(node: ir.Node) -> np.ndarray | None:
+    dims = static_dims(node.inputs[0])
+    if dims is None:
+        return None
+    rank = len(dims)
+    start = node.attributes["start"].value if "start" in node.attributes else 0
+    end = node.attributes["end"].value if "end" in node.attributes else rank
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = max(0, min(rank, end + rank if end < 0 else end))
+    part = dims[start:end]
+    if any(d is None for d in part):
+        return None
+    return np.array(part, dtype=np.int64)
+
+
+def _index_shape(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """Gather/Slice of `Shape(x)` when only the selected dims are static (dynamic batch, static rest)."""
+    shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if shape_node is None or shape_node.op_type != "Shape":
+        return None
+    dims = static_dims(shape_node.inputs[0])
+    if dims is None:
+        return None
+    rank = len(dims)
+    start = _attr(shape_node, "start", 0)
+    end = _attr(shape_node, "end", rank)
+    dims = dims[slice(start, end)]
+    positions = np.arange(len(dims))
+    if node.op_type == "Gather":
+        if args[1] is None:
+            return None
+        picked_pos = np.take(positions, args[1].astype(np.int64))
+    else:
+        if args[1] is None or args[2] is None:
+            return None
+        steps = args[4] if len(args) > 4 and args[4] is not None else [1]
+        if len(args[1]) != 1:
+            return None
+        picked_pos = positions[int(args[1][0]):int(args[2][0]):int(steps[0])]
+    picked = [dims[int(i)] for i in np.ravel(picked_pos)]
+    if any(d is None for d in picked):
+        return None
+    return np.array(picked, dtype=np.int64).reshape(np.shape(picked_pos))
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    return node.attributes[name].value if name in node.attributes else default
+
+
+def _axes(node: ir.Node, position: int) -> list[int] | None:
+    if len(node.inputs) > position and node.inputs[position] is not None:
+        arr = const_array(node.inputs[position])
+        return None if arr is None else [int(a) for a in np.ravel(arr)]
+    value = _attr(node, "axes")
+    return None if value is None else list(value)
+
+
+_ONNX_TO_NUMPY = {
+    1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
+    9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
+}
+
+
+def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """Numpy semantics of the ops that appear in exporters' shape and scale chains."""
+    op = node.op_type
+    if op == "Shape":
+        return _shape_of(node)
+    if op in ("Gather", "Slice") and args[0] is None:
+        return _index_shape(node, args)
+    if any(a is None for a in args[:1]):
+        return None
+    a = args[0]
+    if op == "Identity":
+        return a
+    if op == "Cast":
+        to = _ONNX_TO_NUMPY.get(_attr(node, "to"))
+        return None if to is None else a.astype(to)
+    if op in ("Sqrt", "Reciprocal", "Neg", "Floor", "Ceil", "Abs"):
+        fn = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative,
+              "Floor": np.floor, "Ceil": np.ceil, "Abs": np.abs}[op]
+        return fn(a).astype(a.dtype)
+    if op in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"):
+        b = args[1]
+        if b is None:
+            return None
+        if op == "Div" and np.issubdtype(a.dtype, np.integer):
+            return (a // b).astype(a.dtype)
+        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+              "Pow": np.power, "Max": np.maximum, "Min": np.minimum}[op]
+        return fn(a, b).astype(a.dtype)
+    if op == "Gather":
+        idx = args[1]
+        return None if idx is None else np.take(a, idx.astype(np.int64), axis=_attr(node, "axis", 0))
+    if op == "Slice":
+        starts, ends = args[1], args[2]
+        if starts is None or ends is None:
+            return None
+        axes = args[3] if len(args) > 3 and args[3] is not None else np.arange(len(starts))
+        steps = args[4] if len(args) > 4 and args[4] is not None else np.ones(len(starts), np.int64)
+        index = [slice(None)] * a.ndim
+        for s, e, ax, st in zip(starts, ends, axes, steps):
+            index[int(ax)] = slice(int(s), int(e), int(st))
+        return a[tuple(index)]
+    if op == "Unsqueeze":
+        axes = _axes(node, 1)
+        if axes is None:
+            return None
+        out = a
+        for ax in sorted(x % (a.ndim + len(axes)) for x in axes):
+            out = np.expand_dims(out, ax)
+        return out
+    if op == "Squeeze":
+        axes = _axes(node, 1)
+        return np.squeeze(a) if axes is None else np.squeeze(a, axis=tuple(axes))
+    if op == "Concat":
+        if any(x is None for x in args):
+            return None
+        return np.concatenate(args, axis=_attr(node, "axis", 0))
+    if op == "Reshape":
+        shape = args[1]
+        if shape is None:
+            return None
+        target = [a.shape[i] if d == 0 else int(d) for i, d in enumerate(shape)]
+        return a.reshape(target)
+    if op == "ConstantOfShape":
+        fill = _attr(node, "value")
+        fill_arr = fill.numpy() if fill is not None else np.zeros(1, np.float32)
+        return np.full(a.astype(np.int64), fill_arr.reshape(-1)[0], dtype=fill_arr.dtype)
+    return None
+
+
+_FOLDABLE = {
+    "Shape", "Gather", "Identity", "Cast", "Sqrt", "Reciprocal", "Neg", "Floor", "Ceil", "Abs",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Slice", "Unsqueeze", "Squeeze", "Concat",
+    "Reshape", "ConstantOfShape",
+}
+
+
+def fold_shape_chains(graph: ir.Graph) -> int:
+    """Replace small values computable from constants and static dims with initializers; returns count."""
+    known: dict[ir.Value, np.ndarray] = {}
+    folded = 0
+    for node in list(graph):
+        if node.domain != "" or node.op_type not in _FOLDABLE or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output() or const_array(out) is not None:
+            continue
+        args = [None if v is None else known.get(v, const_array(v)) for v in node.inputs]
+        if node.op_type not in ("Shape", "Gather", "Slice") and any(
+            a is None for v, a in zip(node.inputs, args) if v is not None
+        ):
+            continue
+        try:
+            result = _evaluate(node, args)
+        except Exception:  # noqa: BLE001 - an op we mis-evaluate is simply left alone
+            result = None
+        if result is None or result.size > MAX_FOLDED_ELEMENTS:
+            continue
+        known[out] = result
+        _replace_with_constant(graph, node, out, result)
+        folded += 1
+    return folded
+
+
+def _replace_with_constant(graph: ir.Graph, node: ir.Node, out: ir.Value, array: np.ndarray) -> None:
+    name = graph.meta.setdefault("attnrewrite_folded", 0)
+    graph.meta["attnrewrite_folded"] = name + 1
+    const = ir.node("Constant", [], attributes={"value": ir.tensor(array, name=f"folded_{name}")})
+    const.outputs[0].name = f"attnrewrite_folded_{name}"
+    const.outputs[0].shape = ir.Shape(array.shape)
+    const.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    const.outputs[0].const_value = ir.tensor(array)
+    graph.insert_before(node, const)
+    out.replace_all_uses_with(const.outputs[0])

@@ -1,0 +1,197 @@
+"""What surrounds an attention site: token grid, prefix tokens, windows, self/cross, rotary.
+
+These facts decide which passes apply (a window pass needs a grid and knows to keep CLS global), so
+they are traced from the graph's meaning rather than from node names: the patch embedding is a Conv
+whose stride equals its kernel, Swin-style windows are a rank-6 Reshape `[B, H/w, w, W/w, w, C]`,
+self-attention is Q and K projected from the same token stream.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from attnrewrite.canonicalize import const_array
+from attnrewrite.graphutil import dims, is_constant
+from attnrewrite.site import AttentionSite
+
+#: Ops that move or project tokens without mixing them with other token streams.
+_PROJECTION_OPS = {
+    "Reshape", "Transpose", "Mul", "Div", "Add", "Sub", "MatMul", "Gemm", "Gather", "Split", "Slice",
+    "Squeeze", "Unsqueeze", "Cast", "Identity", "Concat", "Neg", "Expand", "Einsum", "Tile",
+}
+#: For these, only the first input carries data (the rest are shapes, indices, axes).
+_DATA_INPUT_ONLY = {"Reshape", "Expand", "Slice", "Gather", "Unsqueeze", "Squeeze", "Tile", "Split"}
+_CONST = object()
+#: Most prefix tokens we accept (CLS + distillation + registers are at most a handful).
+MAX_PREFIX_TOKENS = 64
+
+
+def describe(site: AttentionSite, model: ir.Model, const_memo: dict) -> None:
+    """Fill kind, rotary, window, grid, prefix_tokens and instances of a freshly detected site."""
+    sources: dict = {}
+    src_q = token_source(site.q, sources, const_memo)
+    src_k = token_source(site.k, sources, const_memo)
+    same_len = site.q_len is None or site.kv_len is None or site.q_len == site.kv_len
+    site.kind = "self" if src_q is src_k and src_q is not _CONST and same_len else "cross"
+    site.rotary = has_rotary(site.q, const_memo)
+    tokens = site.q_len if site.kind == "self" else site.kv_len
+    window = find_window_partition(site.k)
+    if window is not None:
+        site.grid, site.window = window
+        site.prefix_tokens = 0
+    else:
+        grid = find_patch_grid(site.k)
+        if grid is not None and tokens is not None:
+            prefix = tokens - grid[0] * grid[1]
+            if 0 <= prefix <= MAX_PREFIX_TOKENS:
+                site.grid, site.prefix_tokens = grid, prefix
+            else:
+                site.notes.append(f"patch grid {grid[0]}x{grid[1]} does not match {tokens} tokens")
+        elif grid is not None:
+            site.grid = grid
+    batch = (dims(site.q) or [None])[0]
+    if isinstance(batch, int):
+        site.instances = batch
+    elif site.window and site.grid:
+        site.instances = (site.grid[0] // site.window[0]) * (site.grid[1] // site.window[1])
+    else:
+        site.instances = 1
+
+
+def token_source(value: ir.Value, memo: dict, const_memo: dict, depth: int = 0):
+    """The value where this tensor's token stream was last mixed with another (or `_CONST`)."""
+    if value in memo:
+        return memo[value]
+    if is_constant(value, memo.setdefault("__shape_memo__", {}), shapes_are_constant=True):
+        memo[value] = _CONST
+        return _CONST
+    node = value.producer()
+    if node is None or node.op_type not in _PROJECTION_OPS or depth > 64:
+        memo[value] = value
+        return value
+    inputs = node.inputs[:1] if node.op_type in _DATA_INPUT_ONLY else node.inputs
+    found = {
+        id(s): s
+        for s in (token_source(i, memo, const_memo, depth + 1) for i in inputs if i is not None)
+        if s is not _CONST
+    }
+    result = _CONST if not found else next(iter(found.values())) if len(found) == 1 else value
+    memo[value] = result
+    return result
+
+
+def has_rotary(q: ir.Value, const_memo: dict, limit: int = 64) -> bool:
+    """Q built as `x·cos + rotate(x)·sin` with position tables: Add of two Muls by token-shaped constants."""
+    seen, queue = set(), collections.deque([q])
+    while queue and len(seen) < limit:
+        value = queue.popleft()
+        node = value.producer()
+        if node is None or id(node) in seen or node.op_type not in _PROJECTION_OPS:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("Add", "Sub") and all(_is_position_product(i, const_memo) for i in node.inputs):
+            return True
+        if node.op_type in ("MatMul", "Gemm") and any(is_constant(i, const_memo) for i in node.inputs):
+            continue  # reached the projection: rotary is applied after it, never before
+        queue.extend(i for i in node.inputs if i is not None and not is_constant(i, const_memo))
+    return False
+
+
+def _is_position_product(value: ir.Value | None, const_memo: dict) -> bool:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Mul":
+        return False
+    for operand in node.inputs:
+        if is_constant(operand, const_memo):
+            shape = dims(operand)
+            if shape is not None and len(shape) >= 2 and sum(1 for d in shape if d not in (1, None)) >= 2:
+                return True
+    return False
+
+
+def find_window_partition(value: ir.Value, limit: int = 80) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(grid, window) from the nearest rank-6 window-partition Reshape above `value`, if any."""
+    for node in _ancestors(value, limit, stop_at_softmax=True):
+        if node.op_type != "Reshape":
+            continue
+        out = dims(node.outputs[0])
+        src = dims(node.inputs[0])
+        if out is None or src is None or len(out) != 6 or None in out[1:]:
+            continue
+        _, nh, wh, nw, ww, _c = out
+        h, w = nh * wh, nw * ww
+        if (len(src) == 4 and src[1:3] == [h, w]) or (len(src) == 3 and src[1] == h * w):
+            if (nh, nw) != (1, 1) or (wh, ww) == (h, w):
+                return (h, w), (wh, ww)
+    return None
+
+
+def find_patch_grid(value: ir.Value, limit: int = 50_000) -> tuple[int, int] | None:
+    """Grid of the nearest patch embedding above `value`: a Conv with stride == kernel > 1."""
+    for node in _ancestors(value, limit, stop_at_softmax=False):
+        if node.op_type != "Conv":
+            continue
+        kernel = list(node.attributes["kernel_shape"].value) if "kernel_shape" in node.attributes else None
+        strides = list(node.attributes["strides"].value) if "strides" in node.attributes else None
+        if kernel is None:
+            wdims = dims(node.inputs[1])
+            kernel = wdims[2:] if wdims else None
+        out = dims(node.outputs[0])
+        if not kernel or strides != kernel or max(kernel) < 2 or out is None or len(out) != 4:
+            continue
+        if out[2] is not None and out[3] is not None:
+            return out[2], out[3]
+    return None
+
+
+def _ancestors(value: ir.Value, limit: int, *, stop_at_softmax: bool):
+    """Producer nodes above `value`, nearest first (breadth-first), at most `limit` of them."""
+    seen: set[int] = set()
+    queue = collections.deque([value])
+    while queue and len(seen) < limit:
+        node = queue.popleft().producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if stop_at_softmax and node.op_type == "Softmax":
+            continue
+        queue.extend(i for i in node.inputs if i is not None and i.producer() is not None)
+
+
+def heads_from_reshape(q: ir.Value, head_dim: int | None, limit: int = 12) -> int | None:
+    """For `[B·h, N, d]` layouts: h = E / d from the Reshape that split the embedding E into heads."""
+    if head_dim is None:
+        return None
+    for node in _ancestors(q, limit, stop_at_softmax=True):
+        if node.op_type != "Reshape":
+            continue
+        src, out = dims(node.inputs[0]), dims(node.outputs[0])
+        if src and out and out[-1] == head_dim and src[-1] and src[-1] % head_dim == 0 and src[-1] > head_dim:
+            return src[-1] // head_dim
+    return None
+
+
+def evaluate_constant(value: ir.Value, max_elements: int = 1 << 24) -> np.ndarray | None:
+    """Compute a constant-only value with onnxruntime (any op), or None if it cannot be run."""
+    arr = const_array(value)
+    if arr is not None:
+        return arr
+    from attnrewrite.submodel import build_submodel
+
+    try:
+        proto, inputs = build_submodel(value.graph, [value])
+        if inputs:
+            return None
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        (out,) = sess.run(None, {})
+    except Exception:  # noqa: BLE001 - e.g. an op ORT lacks; the value stays symbolic
+        return None
+    return out if out.size <= max_elements else None
+
+
+__all__ = ["describe", "evaluate_constant", "heads_from_reshape"]

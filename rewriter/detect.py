@@ -1,0 +1,523 @@
+"""Find softmax attention by meaning and describe each call as an `AttentionSite`.
+
+Anchors are Softmax nodes and fused attention ops (ONNX `Attention`, `com.microsoft` Attention and
+MultiHeadAttention). From a Softmax we walk *down* to the MatMul that applies the weights to values
+and *up* through the logits chain (scale Mul/Div, bias Add, mask Where, Cast, shape-preserving
+Reshape) to a MatMul or Einsum with two dynamic operands: Q·Kᵀ. Anything else is rejected with the
+reason and the node that made us stop (a classifier softmax has no value MatMul; a mixture-of-experts
+gate has logits x·W with a constant W).
+
+The logits chain is affine in Q·Kᵀ: `f(x) = a·x + f(0)`. So `scale` is the product of the constant
+factors, and the bias is the chain replayed on zeros, whatever mix of rel-pos tables, shifted-window
+masks and padding masks the exporter added. Every candidate is then checked numerically (verify.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from attnrewrite import context, verify
+from attnrewrite.canonicalize import const_array
+from attnrewrite.graphutil import (
+    add_constant,
+    add_node,
+    compose_perm,
+    dims,
+    is_constant,
+    producer_op,
+    scalar_constant,
+)
+from attnrewrite.site import AttentionSite, Rejection
+
+#: Ops allowed between Softmax and the value MatMul (they keep the weights' meaning).
+_PROBS_PASSTHROUGH = {"Cast", "Identity", "Dropout"}
+#: Longest logits chain we follow before giving up (real exports use ≤ 8).
+_MAX_CHAIN = 16
+
+
+class Reject(Exception):
+    """Raised inside candidate analysis; carries the reason and the culprit node."""
+
+    def __init__(self, reason: str, node: ir.Node | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+
+
+@dataclasses.dataclass
+class Detection:
+    model: ir.Model
+    sites: list[AttentionSite]
+    rejected: list[Rejection]
+
+
+def detect(model: ir.Model, *, verify_sites: bool = True) -> Detection:
+    """Find every attention site in a canonicalised model (adds helper nodes; run DCE before saving)."""
+    graph = model.graph
+    sites: list[AttentionSite] = []
+    rejected: list[Rejection] = []
+    const_memo: dict = {}
+    for node in list(graph):
+        try:
+            if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+                site = _from_softmax(graph, node, const_memo)
+            elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+                site = _from_onnx_attention(graph, node)
+            elif node.domain == "com.microsoft" and node.op_type in ("MultiHeadAttention", "Attention"):
+                site = _from_ms_attention(graph, node)
+            else:
+                continue
+        except Reject as rej:
+            culprit = rej.node if rej.node is not None else node
+            where = node.name or node.op_type
+            if culprit is not node:
+                where = f"{where} (at {culprit.name or culprit.op_type})"
+            rejected.append(Rejection(node=where, reason=rej.reason))
+            continue
+        site.id = f"attn_{len(sites)}"
+        context.describe(site, model, const_memo)
+        sites.append(site)
+    ir.passes.common.TopologicalSortPass()(model)
+    if verify_sites and sites:
+        failures = verify.verify_sites(model, sites)
+        kept = []
+        for site in sites:
+            if site.id in failures:
+                rejected.append(Rejection(node=site.anchor.name or site.op, reason=failures[site.id]))
+            else:
+                site.verified = True
+                kept.append(site)
+        for i, site in enumerate(kept):
+            site.id = f"attn_{i}"
+        sites = kept
+    return Detection(model=model, sites=sites, rejected=rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax-anchored attention
+
+
+def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> AttentionSite:
+    logits = softmax.inputs[0]
+    rank = len(logits.shape) if logits.shape is not None else None
+    axis = softmax.attributes["axis"].value if "axis" in softmax.attributes else -1
+    if rank is not None and axis not in (-1, rank - 1):
+        raise Reject(f"softmax over axis {axis}, not the last (key) axis")
+    pv, probs_nodes = _find_value_matmul(softmax)
+    v_is_second = pv.op_type == "MatMul" or pv.op_type == "Einsum"
+    v = pv.inputs[1] if v_is_second else None
+    if v is None or is_constant(v, const_memo):
+        raise Reject("softmax weights multiply a constant, not a value tensor (a classifier or gating head)", pv)
+    chain, qk, scale = _logits_chain(logits, const_memo)
+    q_raw, k_raw = qk.inputs[0], qk.inputs[1]
+    covered = [qk, *chain, softmax, *probs_nodes, pv]
+    if qk.op_type == "Einsum":
+        _check_einsum(qk, "qk")
+        _check_einsum(pv, "pv")
+        q_base, q_factor, q_nodes = _peel_scalars(q_raw)
+        k_base, k_factor, k_nodes = _peel_scalars(k_raw)
+        k4_perm = None
+    else:
+        if pv.op_type != "MatMul":
+            raise Reject("value product is an Einsum but logits are a MatMul", pv)
+        q_base, q_factor, q_nodes = _peel_scalars(q_raw)
+        k_base, k_factor, perm, k_nodes = _peel_key(k_raw)
+        k4_perm = perm
+    scale *= q_factor * k_factor
+    covered += q_nodes + k_nodes
+    if is_constant(q_base, const_memo) and is_constant(k_base, const_memo):
+        raise Reject("both logits operands are constant", qk)
+    if is_constant(k_base, const_memo):
+        raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", qk)
+    q_rank = _rank(q_base)
+    if q_rank not in (3, 4):
+        raise Reject(f"query has rank {q_rank}; need [B, h, N, d] or [B·h, N, d]", qk)
+    if k4_perm is None:
+        k_full = k_base
+    else:
+        k_full = _transpose_keys(graph, k_base, k4_perm)
+    q4, k4, v4 = q_base, k_full, v
+    layout = "bhnd"
+    if q_rank == 3:
+        if _rank(v) != 3 or _rank(k_full) != 3:
+            raise Reject("query is 3-D but keys or values are not", qk)
+        q4, k4, v4 = (add_node(graph, "Unsqueeze", [t, _axes(graph, [1])], name="heads_view") for t in (q_base, k_full, v))
+        layout = "squeeze1"
+    elif _rank(v) != 4 or _rank(k_full) != 4:
+        raise Reject("query is 4-D but keys or values are not", qk)
+    bias, bias_kind = _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo)
+    qd, kd, vd = dims(q4) or [None] * 4, dims(k4) or [None] * 4, dims(v4) or [None] * 4
+    head_dim = qd[3]
+    if scale <= 0 or not math.isfinite(scale):
+        raise Reject(f"logit scale {scale} is not a positive number", qk)
+    return AttentionSite(
+        id="", op="Softmax", anchor=softmax, q=q4, k=k4, v=v4, output=pv.outputs[0],
+        num_heads=qd[1] if layout == "bhnd" else context.heads_from_reshape(q_base, head_dim),
+        head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=scale, bias=bias, bias_kind=bias_kind,
+        kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
+        nodes=covered, output_layout=layout,
+    )
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _axes(graph: ir.Graph, axes: list[int]) -> ir.Value:
+    return add_constant(graph, np.array(axes, dtype=np.int64), "axes")
+
+
+def _find_value_matmul(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
+    value = softmax.outputs[0]
+    passed: list[ir.Node] = []
+    for _ in range(4):
+        users = value.consumers()
+        mm = [u for u in users if u.op_type in ("MatMul", "Einsum") and len(u.inputs) == 2 and u.inputs[0] is value]
+        if mm:
+            return mm[0], passed
+        nxt = [u for u in users if u.op_type in _PROBS_PASSTHROUGH]
+        if not nxt:
+            break
+        passed.append(nxt[0])
+        value = nxt[0].outputs[0]
+    users = softmax.outputs[0].consumers()
+    if not users:
+        raise Reject("softmax output is a model output (class probabilities), not applied to values")
+    kinds = sorted({u.op_type for u in users})
+    raise Reject(f"softmax output feeds {', '.join(kinds)}, not a MatMul with values")
+
+
+def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir.Node, float]:
+    """Walk up from the softmax input to Q·Kᵀ; returns (chain in execution order, qk node, scale).
+
+    The chain is affine in Q·Kᵀ, so the scale is the product of its Mul/Div constants.
+    """
+    chain: list[ir.Node] = []
+    scale = 1.0
+    value = logits
+    for _ in range(_MAX_CHAIN):
+        node = value.producer()
+        if node is None:
+            raise Reject("softmax input is a graph input, not Q·Kᵀ")
+        op = node.op_type
+        if op in ("MatMul", "Einsum") and len(node.inputs) == 2:
+            if any(is_constant(i, const_memo) for i in node.inputs):
+                raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", node)
+            chain.reverse()
+            return chain, node, scale
+        if op in ("Cast", "Identity", "Reshape"):
+            nxt = node.inputs[0]
+        elif op in ("Mul", "Div"):
+            factor = scalar_constant(node.inputs[1])
+            nxt = node.inputs[0]
+            if factor is None and op == "Mul":
+                factor = scalar_constant(node.inputs[0])
+                nxt = node.inputs[1]
+            if factor is None:
+                raise Reject(f"logits {op} by a non-scalar or dynamic tensor", node)
+            scale *= factor if op == "Mul" else 1.0 / factor
+        elif op in ("Add", "Sub"):
+            nxt = _logits_operand(node, (0, 1) if op == "Add" else (0,), const_memo)
+        elif op == "Where":
+            nxt = _logits_operand(node, (1, 2), const_memo)
+        else:
+            raise Reject(f"logits come from {op}, not from Q·Kᵀ", node)
+        chain.append(node)
+        value = nxt
+    raise Reject("logits chain longer than the detector follows")
+
+
+def _logits_operand(node: ir.Node, positions: tuple[int, ...], const_memo: dict) -> ir.Value:
+    """Pick the operand that leads to a dynamic MatMul (the other operands are bias or mask)."""
+    for pos in positions:
+        cand = node.inputs[pos]
+        if cand is not None and _reaches_qk(cand, const_memo):
+            return cand
+    raise Reject(f"neither operand of {node.op_type} leads to Q·Kᵀ", node)
+
+
+def _reaches_qk(value: ir.Value, const_memo: dict, depth: int = 0) -> bool:
+    """Does some path of logits-chain ops lead from `value` up to a MatMul of two dynamic operands?"""
+    if depth > _MAX_CHAIN or is_constant(value, const_memo):
+        return False
+    node = value.producer()
+    if node is None:
+        return False
+    op = node.op_type
+    if op in ("MatMul", "Einsum"):
+        return len(node.inputs) == 2 and not any(is_constant(i, const_memo) for i in node.inputs)
+    operands = {
+        "Cast": (0,), "Identity": (0,), "Reshape": (0,), "Div": (0,), "Sub": (0,),
+        "Mul": (0, 1), "Add": (0, 1), "Where": (1, 2),
+    }.get(op, ())
+    return any(
+        node.inputs[i] is not None and _reaches_qk(node.inputs[i], const_memo, depth + 1) for i in operands
+    )
+
+
+def _peel_scalars(value: ir.Value) -> tuple[ir.Value, float, list[ir.Node]]:
+    """Strip Mul/Div by scalar constants (e.g. `q * scale`, √scale on q); returns (base, factor, nodes)."""
+    factor, nodes = 1.0, []
+    while True:
+        node = value.producer()
+        if node is None or node.op_type not in ("Mul", "Div"):
+            return value, factor, nodes
+        c = scalar_constant(node.inputs[1])
+        base = node.inputs[0]
+        if c is None and node.op_type == "Mul":
+            c, base = scalar_constant(node.inputs[0]), node.inputs[1]
+        if c is None or c == 0:
+            return value, factor, nodes
+        factor *= c if node.op_type == "Mul" else 1.0 / c
+        nodes.append(node)
+        value = base
+
+
+def _peel_key(value: ir.Value) -> tuple[ir.Value, float, list[int], list[ir.Node]]:
+    """Strip scalars and Transposes from the Kᵀ operand: Kᵀ = transpose(base, perm) · factor."""
+    factor, nodes = 1.0, []
+    rank = _rank(value)
+    if rank is None:
+        raise Reject("rank of the key operand is unknown", value.producer())
+    perm = list(range(rank))
+    while True:
+        base, f, scal = _peel_scalars(value)
+        factor *= f
+        nodes += scal
+        node = base.producer()
+        if node is None or node.op_type != "Transpose":
+            return base, factor, perm, nodes
+        inner = list(node.attributes["perm"].value) if "perm" in node.attributes else list(reversed(range(rank)))
+        perm = compose_perm(perm, inner)
+        nodes.append(node)
+        value = node.inputs[0]
+
+
+def _transpose_keys(graph: ir.Graph, base: ir.Value, kt_perm: list[int]) -> ir.Value:
+    """K in [.., T, d] from `base` where Kᵀ = transpose(base, kt_perm)."""
+    k_perm = kt_perm[:-2] + [kt_perm[-1], kt_perm[-2]]
+    if k_perm == list(range(len(k_perm))):
+        return base
+    out = add_node(graph, "Transpose", [base], {"perm": k_perm}, name="keys")
+    bd = dims(base)
+    if bd is not None:
+        out.shape = ir.Shape([base.shape[p] for p in k_perm])
+        out.type = base.type
+    return out
+
+
+def _check_einsum(node: ir.Node, role: str) -> None:
+    eq = node.attributes["equation"].value.replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or not out:
+        raise Reject(f"einsum {eq!r} is not a batched matrix product", node)
+    a, b = terms
+    ok = (
+        len(a) == len(b) == len(out) and a[:-2] == b[:-2] == out[:-2]
+        and (
+            (role == "qk" and a[-1] == b[-1] and out[-2:] == a[-2] + b[-2])
+            or (role == "pv" and a[-1] == b[-2] and out[-2:] == a[-2] + b[-1])
+        )
+    )
+    if not ok:
+        raise Reject(f"einsum {eq!r} is not the {'Q·Kᵀ' if role == 'qk' else 'P·V'} form we rewrite", node)
+
+
+def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
+    """Replay the logits chain on zeros: f(0) is the total additive bias in the logits layout."""
+    adds = [n for n in chain if n.op_type in ("Add", "Sub", "Where")]
+    if not adds:
+        return None, "none"
+    needs_full = any(n.op_type == "Reshape" for n in chain)
+    qk_out = qk.outputs[0]
+    dtype = qk_out.dtype or ir.DataType.FLOAT
+    np_dtype = dtype.numpy()
+    if needs_full:
+        zeros = _zeros_like_logits(graph, q4, k4, q_rank, np_dtype)
+    else:
+        zeros = add_constant(graph, np.zeros((), dtype=np_dtype), "zero_logits")
+    mapping = {qk_out: zeros}
+    bias = zeros
+    for node in chain:
+        new_inputs = [mapping.get(i, i) for i in node.inputs]
+        attrs = {name: attr for name, attr in node.attributes.items()}
+        out = add_node(graph, node.op_type, new_inputs, attrs, domain=node.domain, name="bias_replay")
+        out.type = node.outputs[0].type
+        mapping[node.outputs[0]] = out
+        bias = out
+    if q_rank == 3 and bias.shape is not None and len(bias.shape) == 3:
+        bias = add_node(graph, "Unsqueeze", [bias, _axes(graph, [1])], name="bias_heads")
+    if is_constant(bias, const_memo):
+        arr = context.evaluate_constant(bias)
+        if arr is not None:
+            if not np.any(arr):
+                return None, "none"
+            if q_rank == 3 and arr.ndim == 3:
+                arr = arr[:, None]
+            return add_constant(graph, arr.astype(np_dtype), "bias_const"), "constant"
+        return bias, "constant"
+    return bias, "input"
+
+
+def _zeros_like_logits(graph, q4, k4, q_rank, np_dtype) -> ir.Value:
+    qd, kd = dims(q4), dims(k4)
+    if qd and kd and None not in qd[:3] and kd[2] is not None:
+        shape = qd[:3] + [kd[2]]
+        if q_rank == 3:
+            shape = [shape[0], shape[2], shape[3]]
+        return add_constant(graph, np.zeros(shape, dtype=np_dtype), "zero_logits")
+    q_shape = add_node(graph, "Shape", [q4], {"end": 3}, name="logits_shape")
+    k_len = add_node(graph, "Shape", [k4], {"start": 2, "end": 3}, name="logits_shape")
+    full = add_node(graph, "Concat", [q_shape, k_len], {"axis": 0}, name="logits_shape")
+    if q_rank == 3:
+        full = add_node(graph, "Gather", [full, add_constant(graph, np.array([0, 2, 3], np.int64), "idx")], {"axis": 0}, name="logits_shape")
+    fill = ir.tensor(np.zeros(1, dtype=np_dtype))
+    return add_node(graph, "ConstantOfShape", [full], {"value": fill}, name="zero_logits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused attention ops
+
+
+def _from_onnx_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
+    """ONNX `Attention` (opset 23): Q/K/V 4-D `[B,h,N,d]` or 3-D `[B,N,h·d]` with head-count attrs."""
+    attrs = node.attributes
+    q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+    extra = [i for i in node.inputs[4:] if i is not None]
+    if extra:
+        raise Reject("Attention with a KV cache or sequence lengths is not rewritten", node)
+    if attrs.get("softcap") is not None and attrs["softcap"].value != 0:
+        raise Reject("Attention with softcap is not rewritten", node)
+    if len(node.outputs) > 1 and any(o.consumers() or o.is_graph_output() for o in node.outputs[1:] if o is not None):
+        raise Reject("Attention's cache or QK outputs are used; the fused op must stay", node)
+    rank = _rank(q)
+    if rank == 4:
+        q4, k4, v4, layout = q, k, v, "bhnd"
+        heads = dims(q)[1]
+        if dims(k)[1] != heads:
+            raise Reject("grouped-query attention (fewer K/V heads than Q heads) is not rewritten", node)
+    elif rank == 3:
+        heads = attrs["q_num_heads"].value if "q_num_heads" in attrs else None
+        kv_heads = attrs["kv_num_heads"].value if "kv_num_heads" in attrs else heads
+        if heads is None or kv_heads != heads:
+            raise Reject("3-D Attention needs q_num_heads == kv_num_heads", node)
+        q4, k4, v4 = (_split_heads(graph, t, heads) for t in (q, k, v))
+        layout = "merge_heads"
+    else:
+        raise Reject(f"Attention with rank-{rank} inputs", node)
+    head_dim = dims(q4)[3]
+    scale = attrs["scale"].value if "scale" in attrs else (1.0 / math.sqrt(head_dim) if head_dim else None)
+    if scale is None:
+        raise Reject("head dim unknown, so the default scale is unknown", node)
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    bias, kind = None, "none"
+    causal = attrs["is_causal"].value if "is_causal" in attrs else 0
+    if mask is not None:
+        bias = _mask_to_bias(graph, mask)
+        kind = "constant" if is_constant(mask) else "input"
+    if causal:
+        qd, kd = dims(q4), dims(k4)
+        if qd[2] is None or kd[2] is None:
+            raise Reject("causal Attention with dynamic length is not rewritten", node)
+        causal_bias = np.triu(np.full((qd[2], kd[2]), -np.inf, np.float32), 1)
+        c = add_constant(graph, causal_bias, "causal")
+        bias = c if bias is None else add_node(graph, "Add", [bias, c], name="bias")
+        kind = "input" if kind == "input" else "constant"
+    qd, kd = dims(q4), dims(k4)
+    return AttentionSite(
+        id="", op="Attention", anchor=node, q=q4, k=k4, v=v4, output=node.outputs[0], num_heads=heads,
+        head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=float(scale), bias=bias, bias_kind=kind,
+        kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
+        nodes=[node], output_layout=layout,
+    )
+
+
+def _mask_to_bias(graph: ir.Graph, mask: ir.Value) -> ir.Value:
+    if mask.dtype == ir.DataType.BOOL:
+        zero = add_constant(graph, np.zeros((), np.float32), "zero")
+        neg = add_constant(graph, np.array(-np.inf, np.float32), "neg_inf")
+        return add_node(graph, "Where", [mask, zero, neg], name="mask_bias")
+    return mask
+
+
+def _split_heads(graph: ir.Graph, x: ir.Value, heads: int) -> ir.Value:
+    d = dims(x)
+    if d is None or d[2] is None:
+        raise Reject("hidden size unknown; cannot split heads")
+    shape = add_constant(graph, np.array([0, 0, heads, d[2] // heads], np.int64), "heads_shape")
+    r = add_node(graph, "Reshape", [x, shape], name="split_heads")
+    out = add_node(graph, "Transpose", [r], {"perm": [0, 2, 1, 3]}, name="split_heads")
+    out.shape = ir.Shape([x.shape[0], heads, x.shape[1], d[2] // heads])
+    out.type = x.type
+    return out
+
+
+def _from_ms_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
+    """com.microsoft MultiHeadAttention (separate Q/K/V) and Attention (packed input projection)."""
+    attrs = node.attributes
+    heads = attrs["num_heads"].value
+    if attrs.get("unidirectional") is not None and attrs["unidirectional"].value:
+        raise Reject("unidirectional (causal) contrib attention is not rewritten", node)
+    if node.op_type == "MultiHeadAttention":
+        ins = list(node.inputs) + [None] * 8
+        q, k, v, proj_bias, kpm, attn_bias = ins[:6]
+        if any(i is not None for i in ins[6:8]) or kpm is not None:
+            raise Reject("MultiHeadAttention with key padding mask or KV cache is not rewritten", node)
+        if k is None or v is None or _rank(k) != 3:
+            raise Reject("packed or pre-split K/V in MultiHeadAttention is not rewritten", node)
+        if proj_bias is not None:
+            parts = _split_bias(graph, proj_bias, 3)
+            q, k, v = (add_node(graph, "Add", [t, b], name="proj_bias") for t, b in zip((q, k, v), parts))
+            for t, ref in zip((q, k, v), node.inputs[:3]):
+                t.shape, t.type = ref.shape, ref.type
+    else:
+        ins = list(node.inputs) + [None] * 8
+        x, w, b, mask_index, past, attn_bias = ins[:6]
+        if mask_index is not None or past is not None:
+            raise Reject("contrib Attention with mask_index or past state is not rewritten", node)
+        if "qkv_hidden_sizes" in attrs:
+            raise Reject("contrib Attention with uneven qkv_hidden_sizes is not rewritten", node)
+        w_arr = const_array(w) if w is not None else None
+        if w_arr is None:
+            try:
+                w_arr = w.const_value.numpy()
+            except Exception:  # noqa: BLE001
+                raise Reject("contrib Attention weights are not constant", node) from None
+        hidden = w_arr.shape[1] // 3
+        b_arr = const_array(b) if b is not None else np.zeros(3 * hidden, w_arr.dtype)
+        outs = []
+        for i in range(3):
+            wi = add_constant(graph, w_arr[:, i * hidden:(i + 1) * hidden], "qkv_w")
+            bi = add_constant(graph, b_arr[i * hidden:(i + 1) * hidden], "qkv_b")
+            t = add_node(graph, "Add", [add_node(graph, "MatMul", [x, wi], name="qkv"), bi], name="qkv")
+            t.shape = ir.Shape([x.shape[0], x.shape[1], hidden]) if x.shape is not None else None
+            t.type = x.type
+            outs.append(t)
+        q, k, v = outs
+    q4, k4, v4 = (_split_heads(graph, t, heads) for t in (q, k, v))
+    head_dim = dims(q4)[3]
+    scale = attrs["scale"].value if "scale" in attrs and attrs["scale"].value != 0 else 1.0 / math.sqrt(head_dim)
+    bias = attn_bias
+    kind = "none" if bias is None else ("constant" if is_constant(bias) else "input")
+    qd, kd = dims(q4), dims(k4)
+    return AttentionSite(
+        id="", op=f"com.microsoft.{node.op_type}", anchor=node, q=q4, k=k4, v=v4, output=node.outputs[0],
+        num_heads=heads, head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=float(scale), bias=bias,
+        bias_kind=kind, kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
+        nodes=[node], output_layout="merge_heads",
+    )
+
+
+def _split_bias(graph: ir.Graph, bias: ir.Value, parts: int) -> list[ir.Value]:
+    arr = const_array(bias)
+    if arr is None:
+        raise Reject("MultiHeadAttention projection bias is not constant")
+    return [add_constant(graph, chunk, "proj_bias") for chunk in np.split(arr, parts)]
+
+
+__all__ = ["Detection", "detect", "producer_op"]

@@ -1,0 +1,151 @@
+"""Numerical proof that a detected site means what its `AttentionSite` says.
+
+For every candidate we cut out the subgraph from the site's raw operands to its output (plus the
+Q/K/V/bias views detection built), run it in onnxruntime on random operands, and compare the output
+with `softmax(scale·Q·Kᵀ + bias)·V` computed in float64 from the same run's Q, K, V and bias. A site
+that fails is reported with the error and never rewritten. All sites run in one session; only if
+that fails do we run them one by one to find the culprit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from attnrewrite.graphutil import is_constant
+from attnrewrite.site import AttentionSite
+from attnrewrite.submodel import build_submodel
+
+#: Relative L2 error above which a reading of a site is considered wrong.
+TOLERANCE = 1e-4
+#: Sizes tried for dimensions the graph leaves symbolic (batch, dynamic sequence length).
+_DYNAMIC_SIZES = (4, 1)
+
+
+def reference_attention(q, k, v, scale: float, bias=None) -> np.ndarray:
+    """The meaning of a site, in float64: softmax(scale·Q·Kᵀ + bias)·V over the last axis."""
+    logits = scale * np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2))
+    if bias is not None:
+        logits = logits + bias.astype(np.float64)
+    logits = logits - np.max(logits, axis=-1, keepdims=True)
+    weights = np.exp(logits)
+    weights /= np.sum(weights, axis=-1, keepdims=True)
+    return np.matmul(weights, v.astype(np.float64))
+
+
+def output_as_bhnd(site: AttentionSite, out: np.ndarray) -> np.ndarray:
+    """View the site's original output as [B, h, N, dv]."""
+    if site.output_layout == "squeeze1":
+        return out[:, None]
+    if site.output_layout == "merge_heads":
+        b, n, hd = out.shape
+        h = site.num_heads
+        return out.reshape(b, n, h, hd // h).transpose(0, 2, 1, 3)
+    return out
+
+
+def verify_sites(model: ir.Model, sites: list[AttentionSite]) -> dict[str, str]:
+    """Check every site; returns {site id: reason} for those that fail."""
+    try:
+        return _verify_together(model, sites)
+    except Exception:  # noqa: BLE001 - find the culprit one by one
+        failures = {}
+        for site in sites:
+            try:
+                failures.update(_verify_together(model, [site]))
+            except Exception as exc:  # noqa: BLE001
+                failures[site.id] = f"could not be verified numerically: {_short(exc)}"
+        return failures
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:300]
+
+
+def _site_outputs(site: AttentionSite) -> list[ir.Value]:
+    outs = [site.output, site.q, site.k, site.v]
+    if site.bias is not None:
+        outs.append(site.bias)
+    return outs
+
+
+def _verify_together(model: ir.Model, sites: list[AttentionSite]) -> dict[str, str]:
+    covered = {id(n) for site in sites for n in site.nodes}
+    const_memo: dict = {}
+
+    def inside(node: ir.Node) -> bool:
+        return (
+            id(node) in covered
+            or (node.name or "").startswith("attnrewrite/")
+            or all(is_constant(o, const_memo) for o in node.outputs)
+        )
+
+    outputs: list[ir.Value] = []
+    for site in sites:
+        for value in _site_outputs(site):
+            if value not in outputs:
+                outputs.append(value)
+    proto, inputs = build_submodel(model.graph, outputs, inside)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    last_error: Exception | None = None
+    for size in _DYNAMIC_SIZES:
+        feeds = _random_feeds(session, size, seed=0)
+        try:
+            results = dict(zip([o.name for o in outputs], session.run([o.name for o in outputs], feeds)))
+            break
+        except Exception as exc:  # noqa: BLE001 - try the next size for symbolic dims
+            last_error = exc
+    else:
+        raise RuntimeError(_short(last_error))
+    failures = {}
+    for site in sites:
+        reason = _compare(site, results)
+        if reason:
+            failures[site.id] = reason
+    return failures
+
+
+def _compare(site: AttentionSite, results: dict[str, np.ndarray]) -> str | None:
+    q, k, v = (results[x.name] for x in (site.q, site.k, site.v))
+    bias = results[site.bias.name] if site.bias is not None else None
+    try:
+        expected = reference_attention(q, k, v, site.scale, bias)
+        actual = output_as_bhnd(site, results[site.output.name]).astype(np.float64)
+    except ValueError as exc:
+        return f"numerical check failed: shapes do not match the site's reading ({_short(exc)})"
+    if expected.shape != actual.shape:
+        return f"numerical check failed: output shape {actual.shape} != expected {expected.shape}"
+    both_nan = np.isnan(expected) & np.isnan(actual)
+    if np.any(np.isnan(expected) != np.isnan(actual)):
+        return "numerical check failed: NaN pattern differs from softmax(scale·QKᵀ+bias)·V"
+    diff = np.where(both_nan, 0.0, expected - actual)
+    ref = np.where(both_nan, 0.0, expected)
+    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+    if not rel <= TOLERANCE:
+        return f"numerical check failed: relative error {rel:.2e} vs softmax(scale·QKᵀ+bias)·V (tolerance {TOLERANCE:g})"
+    return None
+
+
+def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d >= 0 else dynamic for d in inp.shape]
+        kind = inp.type
+        if "float" in kind:
+            dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif kind == "tensor(bool)":
+            arr = rng.random(shape) < 0.8
+            if arr.ndim:
+                arr[..., 0] = True
+            feeds[inp.name] = arr
+        else:
+            dtype = {"tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(kind, np.int64)
+            arr = (rng.random(shape) < 0.8).astype(dtype)
+            if arr.ndim:
+                arr[..., 0] = 1
+            feeds[inp.name] = arr
+    return feeds
