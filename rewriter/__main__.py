@@ -1,0 +1,3 @@
+from attnrewrite.cli import console_main
+
+console_main()
