@@ -108,6 +108,264 @@ def _print_sites(document: dict) -> None:
     )
 
 
+
+def _calibration_options(fn):
+    fn = click.option("--calib", "calib", type=str, default=None,
+                      help="Calibration inputs: .npz keyed by input names, a folder of .npy/images; default: seeded random.")(fn)
+    fn = click.option("--shape", "shapes", multiple=True, help="Concrete shape for a dynamic input, e.g. pixel_values=1x3x224x224.")(fn)
+    fn = click.option("--samples", type=int, default=8, show_default=True, help="Random calibration samples when no --calib.")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed for random calibration inputs.")(fn)
+    return fn
+
+
+def _load_calibration(model_path: str, calib, shapes, samples, seed):
+    from attnrewrite import calib as C
+
+    specs = C.input_specs(model_path)
+    overrides = C.parse_shape_overrides(list(shapes))
+    return C.load_calibration(calib, specs, overrides, num_samples=samples, seed=seed)
+
+
+def _budgets(texts) -> list:
+    from attnrewrite import metrics as M
+
+    return [M.parse_budget(t) for t in texts]
+
+
+def _budget_summary(budgets, failures: list[str]) -> list[dict]:
+    out = []
+    for b in budgets:
+        text = str(b)
+        mine = [f for f in failures if f.startswith(text) or text in f]
+        out.append({"budget": text, "passed": not mine, "detail": "; ".join(mine) or None})
+    return out
+
+
+def default_output(model: str, specs) -> str:
+    path = os.path.abspath(model)
+    stem = path[:-5] if path.endswith(".onnx") else path
+    return f"{stem}.{'.'.join(s.name for s in specs)}.onnx"
+
+
+@cli.command("rewrite", hidden=True)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--pass", "passes", multiple=True, required=True, metavar="NAME[:k=v,...]",
+              help="Pass to apply, in order (repeatable). `attnrewrite passes` lists them.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Output path (default MODEL.<passes>.onnx).")
+@_calibration_options
+@click.option("--sites", "selectors", multiple=True, help="Sites to rewrite: ids, ranges (1-10) or predicates (q_len>=1024).")
+@click.option("--budget", "budget_texts", multiple=True, help="Accuracy budget, e.g. 'cosine>=0.999' (exit 1 if not met).")
+@click.option("--fallback", is_flag=True, help="Keep the original attention at the worst sites until the budget holds.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, budget_texts, fallback, report_dir, as_json, force):
+    """Rewrite the attention of MODEL with one or more passes, validating the drift of each."""
+    from attnrewrite import select
+    from attnrewrite.errors import BudgetExceeded
+    from attnrewrite.modelio import load_model, save_model
+    from attnrewrite.pipeline import Pipeline
+    from attnrewrite.progress import progress_for
+    from attnrewrite.registry import parse_pass
+    from attnrewrite.report import clean, header, write_report
+
+    specs = [parse_pass(p) for p in passes]
+    select.validate(selectors)
+    budgets = _budgets(budget_texts)
+    if fallback and not budgets:
+        raise InputError("--fallback needs at least one --budget to aim for.")
+    out = output or default_output(model, specs)
+    if os.path.abspath(out) == os.path.abspath(model):
+        raise InputError("refusing to write the output over the input model; choose another -o.")
+    if os.path.exists(out) and not force:
+        raise InputError(f"{out} already exists; pass --force to overwrite it.")
+    ir_model = load_model(model)
+    io_signature = _io_signature(ir_model)
+    calibration = _load_calibration(model, calib, shapes, samples, seed)
+    progress = progress_for(as_json)
+    pipeline = Pipeline(path=__import__("pathlib").Path(model), batches=calibration.batches, budgets=budgets,
+                        selectors=tuple(selectors), fallback=fallback, progress=progress)
+    reports = pipeline.run(ir_model, specs)
+    first = reports[0]
+    if not first.sites:
+        raise NoAttentionFound(f"{model}: no attention found; nothing to rewrite (see `attnrewrite inspect`).")
+    _restore_io(ir_model, io_signature)
+    save_model(ir_model, out, force=force, protect=(model,))
+    failures = reports[-1].budget_failures
+    document = clean({
+        **header(model, calibration),
+        "command": "rewrite",
+        "output": str(out),
+        "status": "budget_exceeded" if failures else "ok",
+        "budgets": _budget_summary(budgets, failures),
+        "passes": [r.to_json() for r in reports],
+    })
+    if report_dir:
+        write_report(report_dir, document)
+    if as_json:
+        emit_json(document)
+    else:
+        _print_rewrite(document)
+    if failures:
+        raise BudgetExceeded(f"accuracy budget not met: {'; '.join(failures)} (model written to {out}).")
+
+
+def _io_signature(model):
+    return {
+        "inputs": [(v.name, v.shape, v.type) for v in model.graph.inputs],
+        "outputs": [(v.name, v.shape, v.type) for v in model.graph.outputs],
+    }
+
+
+def _restore_io(model, signature) -> None:
+    """Declare exactly the original inputs/outputs (names, dtypes, shapes, symbolic dim names)."""
+    from attnrewrite.pipeline import PassError
+
+    for values, saved in ((model.graph.inputs, signature["inputs"]), (model.graph.outputs, signature["outputs"])):
+        if [v.name for v in values] != [name for name, _, _ in saved]:
+            raise PassError("the rewritten model's input/output names differ from the original's")
+        for value, (_, shape, type_) in zip(values, saved):
+            if value.type is not None and type_ is not None and value.type != type_:
+                raise PassError(f"the rewritten model changed the dtype of {value.name}")
+            value.shape, value.type = shape, type_
+
+
+def _print_rewrite(doc: dict) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for p in doc["passes"]:
+        table = Table(title=f"pass {p['label']}: {len(p['rewritten'])} sites rewritten in {p['seconds']} s")
+        for col in ("output", "cosine", "rel_l2", "max_abs", "snr_db", "top1"):
+            table.add_column(col)
+        for name, m in p["metrics_vs_original"].items():
+            table.add_row(name, *(_num(m.get(c)) for c in ("cosine", "rel_l2", "max_abs", "snr_db", "top1")))
+        console.print(table)
+        sites = Table(title="per site (local: same inputs; accumulated: inside the rewritten model)")
+        for col in ("site", "status", "local cos", "local rel_l2", "acc cos", "acc rel_l2", "reason"):
+            sites.add_column(col)
+        for s in p["sites"]:
+            loc, acc = s.get("local") or {}, s.get("accumulated") or {}
+            sites.add_row(s["id"], s["status"], _num(loc.get("cosine")), _num(loc.get("rel_l2")),
+                          _num(acc.get("cosine")), _num(acc.get("rel_l2")), s.get("reason") or "")
+        console.print(sites)
+    for b in doc["budgets"]:
+        console.print(f"budget {b['budget']}: {'[green]ok[/green]' if b['passed'] else '[red]FAILED[/red] ' + (b['detail'] or '')}")
+    console.print(f"wrote {doc['output']}")
+
+
+def _num(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x)
+
+
+@cli.command("audit")
+@click.argument("before", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("after", type=click.Path(dir_okay=False, path_type=str))
+@_calibration_options
+@click.option("--budget", "budget_texts", multiple=True,
+              help="Accuracy budget (repeatable); default 'cosine>=0.999'.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_dir, as_json):
+    """Compare AFTER with BEFORE on the same inputs: model-level and per-site drift (exit 1 over budget)."""
+    from attnrewrite.audit import audit
+    from attnrewrite.errors import BudgetExceeded
+    from attnrewrite.progress import progress_for
+    from attnrewrite.report import write_report
+
+    budgets = _budgets(budget_texts or ("cosine>=0.999",))
+    calibration = _load_calibration(before, calib, shapes, samples, seed)
+    document = audit(before, after, calibration, budgets, progress_for(as_json))
+    if report_dir:
+        write_report(report_dir, document)
+    if as_json:
+        emit_json(document)
+    else:
+        _print_audit(document)
+    failed = [b for b in document["budgets"] if not b["passed"]]
+    if failed:
+        raise BudgetExceeded("accuracy budget not met: " + "; ".join(b["detail"] or b["budget"] for b in failed) + ".")
+
+
+def _print_audit(doc: dict) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"{doc['after']['path']} vs {doc['before']['path']}")
+    for col in ("output", "cosine", "rel_l2", "max_abs", "snr_db", "top1"):
+        table.add_column(col)
+    for name, m in doc["model_metrics"].items():
+        table.add_row(name, *(_num(m.get(c)) for c in ("cosine", "rel_l2", "max_abs", "snr_db", "top1")))
+    console.print(table)
+    if doc["sites"]:
+        sites = Table(title=f"per site (paired by {doc['pairing']})")
+        for col in ("site", "before", "after", "cosine", "rel_l2"):
+            sites.add_column(col)
+        for s in doc["sites"]:
+            sites.add_row(s["id"], s["before"], s["after"], _num(s["cosine"]), _num(s["rel_l2"]))
+        console.print(sites)
+    for b in doc["budgets"]:
+        console.print(f"budget {b['budget']}: {'[green]ok[/green]' if b['passed'] else '[red]FAILED[/red] ' + (b['detail'] or '')}")
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--shape", "shapes", multiple=True, help="Concrete shape for a dynamic input, e.g. pixel_values=1x3x224x224.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def bench_cmd(models, shapes, warmup, repeats, threads, as_json):
+    """Time MODELS side by side in one process (interleaved repeats); ratios are vs the first model."""
+    from attnrewrite import bench as B
+    from attnrewrite import calib as C
+    from attnrewrite.modelio import load_model
+    from attnrewrite.progress import progress_for
+
+    for m in models:
+        load_model(m)  # validates paths and external data with one clear sentence
+    specs = C.input_specs(models[0])
+    resolved = C.resolve_shapes(specs, C.parse_shape_overrides(list(shapes)))
+    for other in models[1:]:
+        names = [s.name for s in C.input_specs(other)]
+        if names != [s.name for s in specs]:
+            raise InputError(f"{other} has inputs {names}, {models[0]} has {[s.name for s in specs]}; bench needs the same inputs.")
+    feeds = C.load_calibration(None, specs, {k: v for k, v in resolved.items()}, num_samples=1, seed=0).batches[0]
+    progress = progress_for(as_json)
+    with progress.task("benchmarking", warmup * len(models) + repeats * len(models)) as tick:
+        results = B.bench_models(list(models), feeds, warmup=warmup, repeats=repeats, threads=threads,
+                                 progress=lambda *_: tick())
+    document = {"command": "bench", "threads": threads, "repeats": repeats,
+                "results": [dataclasses_asdict(r) for r in results]}
+    if as_json:
+        emit_json(document)
+        return
+    table = Table(title=f"onnxruntime CPU, {repeats} interleaved repeats")
+    for col in ("model", "median ms", "p10 ms", "p90 ms", "speed-up vs first"):
+        table.add_column(col)
+    for r in document["results"]:
+        table.add_row(str(r["path"]), f"{r['median_ms']:.2f}", f"{r['p10_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['ratio_vs_first']:.2f}×")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def dataclasses_asdict(obj):
+    import dataclasses
+
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(obj).items()}
+
+
+@cli.command("passes")
+def passes_cmd() -> None:
+    """List the available passes and their parameters."""
+    from attnrewrite.registry import available
+
+    for name, impl in sorted(available().items()):
+        click.echo(f"{name}{' (exact)' if impl.exact else ''}: {impl.description}")
+        for p in impl.params:
+            choices = f" [{'|'.join(p.choices)}]" if p.choices else ""
+            click.echo(f"    {p.name}={p.default}{choices}  {p.help}")
+
+
 class _status:
     """A spinner on stderr while long work runs, only on a TTY and never in --json mode."""
 

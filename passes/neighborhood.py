@@ -1,0 +1,57 @@
+"""Neighborhood family: `neighborhood` (NATTEN) with `dilation` (DiNA).
+
+Every grid query attends to exactly K×K grid tokens around it; near the border the window slides
+inward instead of being zero-padded (NATTEN's clamp semantics, see ALGORITHMS.md §2). The ONNX form
+tiles the queries and gathers each tile's key region once, so the work is batched MatMuls with a
+static mask carving each query's exact window.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
+from attnrewrite.passes.spatial_common import KEEP_GLOBAL, PREFIX, fits, spatial_frame
+from attnrewrite.registry import Param, register, size2d
+from attnrewrite.site import AttentionSite
+
+
+class NeighborhoodPass:
+    name = "neighborhood"
+    exact = False
+    description = "NATTEN neighborhood attention: each token sees exactly KxK neighbours (clamped at borders); dilation=D for DiNA; 1-D for text"
+    params = (
+        Param("kernel", size2d, (7, 7), "kernel K or KhxKw (tokens along the sequence for 1-D)"),
+        Param("dilation", size2d, (1, 1), "dilation D or DhxDw"),
+        PREFIX,
+        KEEP_GLOBAL,
+    )
+
+    def applies(self, site: AttentionSite, options: dict) -> str | None:
+        reason, grid, _ = spatial_frame(site, options, allow_1d=True)
+        if reason:
+            return reason
+        if site.window is not None:
+            return "already windowed; neighborhood attention applies to global sites"
+        k, d = options["kernel"], options["dilation"]
+        if grid is None:
+            if d != (1, 1):
+                return "dilation is not supported on 1-D sequences"
+            return None
+        span = (k[0] * d[0], k[1] * d[1])
+        return fits(grid, span, "kernel x dilation")
+
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
+        from attnrewrite.passes import spatial_emit as E
+
+        t = ir_tape.Tape(graph)
+        _, grid, prefix = spatial_frame(site, options, allow_1d=True)
+        if grid is None:
+            return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
+                                     window=max(options["kernel"]), mode="centered")
+        return E.emit_neighborhood(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
+                                   prefix=prefix, kernel=options["kernel"], dilation=options["dilation"],
+                                   prefix_mode=options["prefix"])
+
+
+register(NeighborhoodPass())

@@ -1,0 +1,62 @@
+"""What every spatial pass checks before touching a site, and the parameters they share.
+
+Spatial passes need a token grid (traced back to the patch embedding) and self-attention. Prefix
+tokens (CLS, distillation, registers) stay global by default: they attend to everything and every
+grid token attends to them (`prefix=global`); `prefix=local` keeps them only with each other.
+Already-windowed sites (Swin) can only be narrowed: the pass then acts inside each existing window.
+"""
+
+from __future__ import annotations
+
+import re
+
+from attnrewrite.registry import Param
+from attnrewrite.site import AttentionSite
+
+
+def keep_global(text: str) -> int:
+    """`none` → 0; `every:K` → K (every K-th site, counting from 1, keeps global attention)."""
+    if text == "none":
+        return 0
+    m = re.fullmatch(r"every:(\d+)", text)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError("use none or every:K with K >= 1")
+    return int(m.group(1))
+
+
+PREFIX = Param("prefix", str, "global", "global: prefix tokens see and are seen by all; local: only each other",
+               choices=("global", "local"))
+KEEP_GLOBAL = Param("keep_global", keep_global, 0, "every:K keeps every K-th site global (ViTDet style)")
+
+
+def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tuple[str | None, tuple[int, int] | None, int]:
+    """(reason it does not apply, grid to act on, prefix tokens); grid None means the 1-D token axis."""
+    every = options.get("keep_global", 0)
+    if every and (site.layer + 1) % every == 0:
+        return f"kept global by keep_global=every:{every}", None, 0
+    if site.kind != "self":
+        return "cross-attention has no shared token grid", None, 0
+    if site.q_len is None:
+        return "dynamic token count; the grid cannot be resolved statically", None, 0
+    if site.window is not None:
+        return None, site.window, 0
+    if site.grid is not None and site.prefix_tokens is not None:
+        return None, site.grid, site.prefix_tokens
+    if allow_1d and site.grid is None:
+        return None, None, 0
+    return "no token grid traced to a patch embedding", None, 0
+
+
+def narrower(site: AttentionSite, size: tuple[int, int]) -> str | None:
+    """An already-windowed site only accepts windows strictly inside its own."""
+    if site.window is None:
+        return None
+    if size[0] >= site.window[0] and size[1] >= site.window[1]:
+        return f"already attends in {site.window[0]}x{site.window[1]} windows; {size[0]}x{size[1]} would not narrow it"
+    return None
+
+
+def fits(grid: tuple[int, int], size: tuple[int, int], what: str) -> str | None:
+    if size[0] > grid[0] or size[1] > grid[1]:
+        return f"{what} {size[0]}x{size[1]} is larger than the {grid[0]}x{grid[1]} grid"
+    return None

@@ -1,0 +1,300 @@
+"""The pass pipeline: detect → rewrite → check → validate, once per `--pass`, with honest numbers.
+
+Each pass first writes its new attention *beside* the original one (a probe: the new subgraph reads
+the same Q/K/V, nothing consumes it). One onnxruntime run of that probe model gives each site's local
+drift (new vs original attention on identical inputs) and the previous model's outputs. Then the
+original outputs' uses are switched to the new ones, and a second run gives the model-level drift
+and the accumulated per-site drift. `--fallback` switches the worst sites back, one at a time, until
+the budget holds; switching is just re-pointing uses, so no re-detection is needed. Dead-code
+elimination at the end removes whichever branch lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from attnrewrite import metrics as M
+from attnrewrite.canonicalize import canonicalize
+from attnrewrite.detect import detect
+from attnrewrite.errors import AttnRewriteError, InputError
+from attnrewrite.progress import Progress
+from attnrewrite.registry import PassSpec
+from attnrewrite.runner import make_session, run_batches, session_from_path
+from attnrewrite.select import select
+from attnrewrite.site import AttentionSite
+
+SITE_TAG = "attnrewrite.site"
+PASS_TAG = "attnrewrite.pass"
+ORIGINAL_OUTPUT_TAG = "attnrewrite.original_output"
+
+
+class PassError(AttnRewriteError):
+    """A pass produced an invalid model; names the passes that already ran (exit 3)."""
+
+
+@dataclasses.dataclass
+class Rewrite:
+    site: AttentionSite
+    value: ir.Value  # the new attention output, in the original layout
+
+    @property
+    def probe_name(self) -> str:
+        return self.value.name
+
+
+@dataclasses.dataclass
+class SiteOutcome:
+    id: str
+    status: str  # rewritten | skipped | reverted | unselected
+    reason: str | None = None
+    local: dict[str, float] | None = None
+    accumulated: dict[str, float] | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting
+
+
+def to_original_layout(graph: ir.Graph, site: AttentionSite, bhnd: ir.Value) -> ir.Value:
+    """Convert a pass's `[B, h, Nq, dv]` result back to the layout the model consumed."""
+    from onnx_ir import tape as ir_tape
+
+    t = ir_tape.Tape(graph)
+    if site.output_layout == "squeeze1":
+        return t.op("Squeeze", [bhnd, t.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})])
+    if site.output_layout == "merge_heads":
+        merged = t.op("Transpose", [bhnd], attributes={"perm": [0, 2, 1, 3]})
+        shape = ir.tensor(np.array([0, 0, -1], np.int64))
+        return t.op("Reshape", [merged, t.op("Constant", [], attributes={"value": shape})])
+    return bhnd
+
+
+def write_beside(model: ir.Model, spec: PassSpec, sites: list[AttentionSite]) -> list[Rewrite]:
+    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs."""
+    graph = model.graph
+    rewrites = []
+    for site in sites:
+        before = len(graph)
+        new = to_original_layout(graph, site, spec.impl.rewrite(graph, site, spec.options))
+        new.name = f"attnrewrite/{site.id}/{spec.name}_output"
+        new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
+        new.metadata_props[SITE_TAG] = site.id
+        for node in list(graph)[before:]:
+            node.metadata_props[PASS_TAG] = spec.label()
+            node.metadata_props[SITE_TAG] = site.id
+            if not node.name:
+                node.name = f"attnrewrite/{site.id}/{node.op_type}_{id(node) % 100000}"
+        if site.output.type is not None:
+            new.type = site.output.type
+        rewrites.append(Rewrite(site=site, value=new))
+    _add_opset_imports(model)
+    common_passes.TopologicalSortPass()(model)
+    return rewrites
+
+
+def switch(rewrite: Rewrite, *, on: bool) -> None:
+    """Point the model's consumers at the new attention (on) or back at the original (off)."""
+    if on:
+        rewrite.site.output.replace_all_uses_with(rewrite.value)
+    else:
+        rewrite.value.replace_all_uses_with(rewrite.site.output)
+
+
+def _add_opset_imports(model: ir.Model) -> None:
+    for node in model.graph:
+        if node.domain and node.domain not in model.opset_imports:
+            model.opset_imports[node.domain] = 1
+
+
+def finalize(model: ir.Model) -> None:
+    """Drop the losing branches and detection helpers; keep the graph sorted."""
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
+    common_passes.TopologicalSortPass()(model)
+
+
+def check_model(model: ir.Model, base_dir: Path, done: list[str]) -> None:
+    """onnx.checker and shape inference must accept every model we produce."""
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto)
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise PassError(f"after {' → '.join(done)}: the model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclasses.dataclass
+class PassReport:
+    spec: PassSpec
+    seconds: float = 0.0
+    sites: list[SiteOutcome] = dataclasses.field(default_factory=list)
+    vs_original: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    vs_previous: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    budget_failures: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "pass": self.spec.name,
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.spec.options.items()},
+            "label": self.spec.label(),
+            "exact": self.spec.impl.exact,
+            "seconds": round(self.seconds, 3),
+            "rewritten": [s.id for s in self.sites if s.status == "rewritten"],
+            "kept_original": [s.id for s in self.sites if s.status == "reverted"],
+            "sites": [s.to_json() for s in self.sites],
+            "metrics_vs_original": self.vs_original,
+            "metrics_vs_previous": self.vs_previous,
+            "budget_failures": self.budget_failures,
+        }
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Applies passes to one model, validating each against the original file's own outputs."""
+
+    path: Path
+    batches: list[dict[str, np.ndarray]]
+    budgets: list[Any] = dataclasses.field(default_factory=list)
+    selectors: tuple[str, ...] = ()
+    fallback: bool = False
+    progress: Progress = dataclasses.field(default_factory=Progress)
+
+    def __post_init__(self) -> None:
+        self.base_dir = self.path.resolve().parent
+        original = session_from_path(self.path)
+        self.output_names = [o.name for o in original.get_outputs()]
+        with self.progress.task("running the original model", len(self.batches)) as tick:
+            self.original_outputs = run_batches(original, self.batches, self.output_names, tick)
+
+    def run(self, model: ir.Model, specs: list[PassSpec]) -> list[PassReport]:
+        reports, done = [], []
+        for spec in specs:
+            reports.append(self.apply(model, spec, done))
+            done.append(spec.label())
+        return reports
+
+    def apply(self, model: ir.Model, spec: PassSpec, done: list[str]) -> PassReport:
+        start = time.perf_counter()
+        report = PassReport(spec=spec)
+        canonicalize(model)
+        detection = detect(model)
+        chosen = select(detection.sites, self.selectors) if self.selectors else list(detection.sites)
+        chosen_ids = {s.id for s in chosen}
+        applicable: list[AttentionSite] = []
+        for site in detection.sites:
+            if site.id not in chosen_ids:
+                report.sites.append(SiteOutcome(site.id, "unselected", "not selected by --sites"))
+                continue
+            reason = _why_not(spec, site)
+            if reason:
+                report.sites.append(SiteOutcome(site.id, "skipped", reason))
+            else:
+                applicable.append(site)
+        try:
+            rewrites = write_beside(model, spec, applicable)
+        except AttnRewriteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
+            raise PassError(f"pass {spec.label()} failed while rewriting (after {' → '.join(done) or 'no passes'}): {exc}") from exc
+        outcomes = {r.site.id: SiteOutcome(r.site.id, "rewritten") for r in rewrites}
+
+        # 1) probe: new attention beside the old one, identical inputs → local drift + previous outputs
+        site_names = [r.site.output.name for r in rewrites] + [r.probe_name for r in rewrites]
+        probe = make_session(model, self.base_dir, site_names)
+        with self.progress.task(f"{spec.label()}: local drift", len(self.batches)) as tick:
+            probe_out = run_batches(probe, self.batches, self.output_names + site_names, tick)
+        previous = {n: probe_out[n] for n in self.output_names}
+        for r in rewrites:
+            outcomes[r.site.id].local = M.site_metrics(probe_out[r.site.output.name], probe_out[r.probe_name])
+
+        # 2) switch every rewritten site on, check validity, measure model-level drift
+        for r in rewrites:
+            switch(r, on=True)
+        current = self._run_current(model, rewrites, spec, done)
+        report.budget_failures = self._budget_failures(current)
+        if report.budget_failures and self.fallback:
+            current = self._fall_back(model, rewrites, outcomes, spec, done, current)
+            report.budget_failures = self._budget_failures(current)
+        for r in rewrites:
+            if outcomes[r.site.id].status == "rewritten":
+                outcomes[r.site.id].accumulated = M.site_metrics(probe_out[r.site.output.name], current[r.probe_name])
+        report.sites.extend(outcomes.values())
+        report.sites.sort(key=lambda s: _site_index(s.id))
+        report.vs_original = M.compare_outputs(self.original_outputs, {n: current[n] for n in self.output_names})
+        report.vs_previous = M.compare_outputs(previous, {n: current[n] for n in self.output_names})
+        finalize(model)
+        check_model(model, self.base_dir, [*done, spec.label()])
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _run_current(self, model, rewrites, spec, done) -> dict[str, np.ndarray]:
+        names = [r.probe_name for r in rewrites]
+        try:
+            session = make_session(model, self.base_dir, names)
+        except AttnRewriteError as exc:
+            raise PassError(f"after {' → '.join([*done, spec.label()])}: {exc}") from exc
+        with self.progress.task(f"{spec.label()}: model drift", len(self.batches)) as tick:
+            return run_batches(session, self.batches, self.output_names + names, tick)
+
+    def _budget_failures(self, outputs: dict[str, np.ndarray]) -> list[str]:
+        if not self.budgets:
+            return []
+        metrics = M.compare_outputs(self.original_outputs, {n: outputs[n] for n in self.output_names})
+        return [str(f) for f in M.check_budgets(self.budgets, metrics)]
+
+    def _fall_back(self, model, rewrites, outcomes, spec, done, current):
+        """Revert the sites with the worst local drift, one by one, until the budget holds."""
+        order = sorted(rewrites, key=lambda r: -(outcomes[r.site.id].local or {}).get("rel_l2", 0.0))
+        for r in order:
+            switch(r, on=False)
+            outcomes[r.site.id].status = "reverted"
+            outcomes[r.site.id].reason = "kept original attention by --fallback (worst local drift)"
+            current = self._run_current(model, rewrites, spec, done)
+            if not self._budget_failures(current):
+                break
+        return current
+
+
+def _why_not(spec: PassSpec, site: AttentionSite) -> str | None:
+    if not site.verified:
+        return "not verified numerically"
+    if site.output.is_graph_output():
+        return "the attention output is itself a model output"
+    return spec.impl.applies(site, spec.options)
+
+
+def _site_index(site_id: str) -> int:
+    tail = site_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def check_io_unchanged(before: onnx.ModelProto | ir.Model, after: ir.Model) -> None:
+    """Input and output names, dtypes and shapes are the model's contract with its callers."""
+    def signature(values):
+        return [(v.name, v.dtype, tuple(str(d) for d in v.shape) if v.shape is not None else None) for v in values]
+
+    if isinstance(before, ir.Model):
+        b_in, b_out = signature(before.graph.inputs), signature(before.graph.outputs)
+    else:
+        m = ir.serde.deserialize_model(before)
+        b_in, b_out = signature(m.graph.inputs), signature(m.graph.outputs)
+    if b_in != signature(after.graph.inputs) or b_out != signature(after.graph.outputs):
+        raise PassError("the rewritten model's inputs or outputs differ from the original's")
+
+
+__all__ = ["InputError", "Pipeline", "PassReport", "PassError", "finalize", "check_io_unchanged"]
