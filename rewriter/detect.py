@@ -107,12 +107,11 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     axis = softmax.attributes["axis"].value if "axis" in softmax.attributes else -1
     if rank is not None and axis not in (-1, rank - 1):
         raise Reject(f"softmax over axis {axis}, not the last (key) axis")
+    chain, qk, scale = _logits_chain(logits, const_memo)
     pv, probs_nodes = _find_value_matmul(softmax)
-    v_is_second = pv.op_type == "MatMul" or pv.op_type == "Einsum"
-    v = pv.inputs[1] if v_is_second else None
+    v = pv.inputs[1]
     if v is None or is_constant(v, const_memo):
         raise Reject("softmax weights multiply a constant, not a value tensor (a classifier or gating head)", pv)
-    chain, qk, scale = _logits_chain(logits, const_memo)
     q_raw, k_raw = qk.inputs[0], qk.inputs[1]
     covered = [qk, *chain, softmax, *probs_nodes, pv]
     if qk.op_type == "Einsum":

@@ -1,0 +1,91 @@
+"""Hand-written ONNX graphs for detection edge cases no exporter gives us on demand."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17, extra_opsets=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    opsets = [helper.make_opsetid("", opset), *[helper.make_opsetid(d, v) for d, v in extra_opsets]]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def f32(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def init(name, array):
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def classifier_softmax(seed=0):
+    """x·W → Softmax over classes, a model output: not attention."""
+    rng = np.random.default_rng(seed)
+    return _model(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)],
+        [f32("x", [2, 16])], [f32("probs", [2, 10])], [init("W", rng.standard_normal((16, 10)))],
+    )
+
+
+def moe_gate(seed=0):
+    """gate = softmax(x·Wg) over experts, combined with expert outputs by a dynamic MatMul: not attention."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "Wg"], ["gl"]),
+        helper.make_node("Softmax", ["gl"], ["gate"], axis=-1),  # [B, T, E]
+        helper.make_node("MatMul", ["x", "We"], ["ex"]),  # [B, T, E*D]
+        helper.make_node("Reshape", ["ex", "shp"], ["ex4"]),  # [B, T, E, D]
+        helper.make_node("Unsqueeze", ["gate", "ax"], ["g4"]),  # [B, T, 1, E]
+        helper.make_node("MatMul", ["g4", "ex4"], ["mix"]),  # [B, T, 1, D]
+    ]
+    inits = [init("Wg", rng.standard_normal((8, 4))), init("We", rng.standard_normal((8, 4 * 8))),
+             numpy_helper.from_array(np.array([2, 5, 4, 8], np.int64), "shp"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax")]
+    return _model(nodes, [f32("x", [2, 5, 8])], [f32("mix", [2, 5, 1, 8])], inits)
+
+
+def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17):
+    """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|input."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["ss"]),
+    ]
+    inputs = [f32("q", [1, heads, n, d]), f32("k", [1, heads, n, d]), f32("v", [1, heads, n, d])]
+    inits = [init("scale", 0.5)]
+    logits = "ss"
+    if bias in ("zero", "const"):
+        arr = np.zeros((heads, n, n)) if bias == "zero" else rng.standard_normal((heads, n, n))
+        inits.append(init("B", arr))
+        nodes.append(helper.make_node("Add", ["ss", "B"], ["sb"]))
+        logits = "sb"
+    elif bias == "input":
+        inputs.append(f32("mask", [1, 1, 1, n]))
+        nodes.append(helper.make_node("Add", ["ss", "mask"], ["sb"]))
+        logits = "sb"
+    nodes += [helper.make_node("Softmax", [logits], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    return _model(nodes, inputs, [f32("o", [1, heads, n, d])], inits, opset=opset)
+
+
+def onnx_attention_op(n=6, heads=2, d=4, with_mask=False):
+    inputs = [f32("q", [1, heads, n, d]), f32("k", [1, heads, n, d]), f32("v", [1, heads, n, d])]
+    names = ["q", "k", "v"]
+    if with_mask:
+        inputs.append(helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 1, n, n]))
+        names.append("m")
+    node = helper.make_node("Attention", names, ["o"], scale=0.3)
+    return _model([node], inputs, [f32("o", [1, heads, n, d])], opset=23)
+
+
+def ms_multihead_attention(n=6, heads=2, d=4):
+    hidden = heads * d
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=heads)
+    return _model([node], [f32("q", [1, n, hidden]), f32("k", [1, n, hidden]), f32("v", [1, n, hidden])],
+                  [f32("o", [1, n, hidden])], extra_opsets=[("com.microsoft", 1)])

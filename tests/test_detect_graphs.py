@@ -1,0 +1,79 @@
+"""Detection on hand-written graphs: negatives, bias kinds, fused ops, numerical verification."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from attnrewrite.analysis import analyze
+from tests import onnx_builders as B
+
+
+def _analyze(tmp_path, model: onnx.ModelProto):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return analyze(path)
+
+
+@pytest.mark.parametrize("builder", [B.classifier_softmax, B.moe_gate])
+def test_negatives_are_rejected_with_reason(tmp_path, builder):
+    a = _analyze(tmp_path, builder())
+    assert a.sites == []
+    assert len(a.detection.rejected) == 1
+    assert a.detection.rejected[0].reason
+
+
+def test_moe_gate_reason_names_the_constant_weight(tmp_path):
+    a = _analyze(tmp_path, B.moe_gate())
+    assert "constant" in a.detection.rejected[0].reason
+
+
+@pytest.mark.parametrize("bias,kind", [("none", "none"), ("zero", "none"), ("const", "constant"), ("input", "input")])
+def test_bias_kinds(tmp_path, bias, kind):
+    a = _analyze(tmp_path, B.plain_attention(bias))
+    (site,) = a.sites
+    assert site.bias_kind == kind
+    assert site.scale == pytest.approx(0.5)
+    assert (site.num_heads, site.head_dim, site.q_len, site.kv_len) == (2, 4, 6, 6)
+    assert site.verified
+
+
+def test_onnx_attention_op(tmp_path):
+    a = _analyze(tmp_path, B.onnx_attention_op(with_mask=True))
+    (site,) = a.sites
+    assert site.op == "Attention" and site.scale == pytest.approx(0.3) and site.bias_kind == "input"
+    assert site.verified
+
+
+def test_ms_multihead_attention(tmp_path):
+    a = _analyze(tmp_path, B.ms_multihead_attention())
+    (site,) = a.sites
+    assert site.op == "com.microsoft.MultiHeadAttention" and site.num_heads == 2
+    assert site.scale == pytest.approx(0.5)
+    assert site.verified
+
+
+def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
+    """If detection misread the scale, the numerical check must reject the site, never pass it."""
+    from attnrewrite import detect as D
+
+    original = D._logits_chain
+
+    def wrong_scale(*args, **kwargs):
+        chain, qk, scale = original(*args, **kwargs)
+        return chain, qk, scale * 2
+
+    monkeypatch.setattr(D, "_logits_chain", wrong_scale)
+    a = _analyze(tmp_path, B.plain_attention("const"))
+    assert a.sites == []
+    assert "relative error" in a.detection.rejected[0].reason
+
+
+def test_input_file_is_not_modified(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(B.plain_attention("const"), path)
+    before = path.read_bytes()
+    analyze(path)
+    assert path.read_bytes() == before
+    np.testing.assert_equal(len(before) > 0, True)
