@@ -55,7 +55,8 @@ def describe(site: AttentionSite, model: ir.Model, const_memo: dict) -> None:
             site.grid = grid
     batch = (dims(site.q) or [None])[0]
     if isinstance(batch, int):
-        site.instances = batch
+        folded_heads = site.output_layout == "squeeze1" and site.num_heads
+        site.instances = batch // site.num_heads if folded_heads and batch % site.num_heads == 0 else batch
     elif site.window and site.grid:
         site.instances = (site.grid[0] // site.window[0]) * (site.grid[1] // site.window[1])
     else:

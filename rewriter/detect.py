@@ -144,7 +144,7 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     if q_rank == 3:
         if _rank(v) != 3 or _rank(k_full) != 3:
             raise Reject("query is 3-D but keys or values are not", qk)
-        q4, k4, v4 = (add_node(graph, "Unsqueeze", [t, _axes(graph, [1])], name="heads_view") for t in (q_base, k_full, v))
+        q4, k4, v4 = (_heads_view(graph, t) for t in (q_base, k_full, v))
         layout = "squeeze1"
     elif _rank(v) != 4 or _rank(k_full) != 4:
         raise Reject("query is 4-D but keys or values are not", qk)
@@ -168,6 +168,15 @@ def _rank(value: ir.Value) -> int | None:
 
 def _axes(graph: ir.Graph, axes: list[int]) -> ir.Value:
     return add_constant(graph, np.array(axes, dtype=np.int64), "axes")
+
+
+def _heads_view(graph: ir.Graph, x: ir.Value) -> ir.Value:
+    """[B·h, N, d] viewed as [B·h, 1, N, d], so every site has the 4-D layout."""
+    out = add_node(graph, "Unsqueeze", [x, _axes(graph, [1])], name="heads_view")
+    if x.shape is not None:
+        out.shape = ir.Shape([x.shape[0], 1, x.shape[1], x.shape[2]])
+    out.type = x.type
+    return out
 
 
 def _find_value_matmul(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
@@ -204,7 +213,9 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
             raise Reject("softmax input is a graph input, not Q·Kᵀ")
         op = node.op_type
         if op in ("MatMul", "Einsum") and len(node.inputs) == 2:
-            if any(is_constant(i, const_memo) for i in node.inputs):
+            # A constant right operand is a weight (gate, classifier); a constant left operand with
+            # dynamic keys is a learned query (attention pooling, Perceiver latents): attention.
+            if is_constant(node.inputs[1], const_memo):
                 raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", node)
             chain.reverse()
             return chain, node, scale
@@ -248,7 +259,7 @@ def _reaches_qk(value: ir.Value, const_memo: dict, depth: int = 0) -> bool:
         return False
     op = node.op_type
     if op in ("MatMul", "Einsum"):
-        return len(node.inputs) == 2 and not any(is_constant(i, const_memo) for i in node.inputs)
+        return len(node.inputs) == 2 and not is_constant(node.inputs[1], const_memo)
     operands = {
         "Cast": (0,), "Identity": (0,), "Reshape": (0,), "Div": (0,), "Sub": (0,),
         "Mul": (0, 1), "Add": (0, 1), "Where": (1, 2),
