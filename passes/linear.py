@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.sdpa import const, softmax_attention
+from attnrewrite.passes.sdpa import const, reduce, softmax_attention
 from attnrewrite.registry import Param, positive_float, register
 from attnrewrite.site import AttentionSite
 
@@ -32,8 +32,8 @@ def feature_map(t: ir_tape.Tape, x: ir.Value, phi: str) -> ir.Value:
 
 
 def linear_attention(
-    t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, phi: str, eps: float,
-    key_weight: ir.Value | None = None,
+    t: ir_tape.Tape, graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, phi: str,
+    eps: float, key_weight: ir.Value | None = None,
 ) -> ir.Value:
     """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`."""
     root = const(t, math.sqrt(scale), np.float32)
@@ -42,20 +42,12 @@ def linear_attention(
     if key_weight is not None:
         fk = t.op("Mul", [fk, key_weight])
     kv = t.op("MatMul", [t.op("Transpose", [fk], attributes={"perm": [0, 1, 3, 2]}), v])  # [B,h,m,dv]
-    z = t.op("ReduceSum", [fk, const(t, [2])], attributes={"keepdims": 1})  # [B,h,1,m]
+    z = reduce(t, graph, "ReduceSum", fk, [2])  # [B,h,1,m]
     numerator = t.op("MatMul", [fq, kv])  # [B,h,Nq,dv]
     denominator = t.op("MatMul", [fq, t.op("Transpose", [z], attributes={"perm": [0, 1, 3, 2]})])  # [B,h,Nq,1]
     return t.op("Div", [numerator, t.op("Add", [denominator, const(t, eps, np.float32)])])
 
 
-def key_only_bias(bias: ir.Value | None) -> bool:
-    """True when the bias broadcasts over queries (`[.., 1, Nk]`): only then can it weight keys."""
-    if bias is None:
-        return True
-    shape = bias.shape
-    if shape is None:
-        return False
-    return len(shape) < 2 or shape[-2] == 1
 
 
 class LinearPass:
@@ -70,7 +62,7 @@ class LinearPass:
     )
 
     def applies(self, site: AttentionSite, options: dict) -> str | None:
-        if not key_only_bias(site.bias):
+        if not site.bias_per_key:
             return f"{site.bias_kind} bias varies per query (e.g. relative positions or window masks); linear attention can only weight keys"
         if options["prefix"] == "exact" and site.prefix_tokens is None:
             return "prefix=exact needs known prefix tokens (no patch grid traced)"
@@ -85,19 +77,21 @@ class LinearPass:
             rank = len(b.shape)
             if rank < 4:
                 b = t.op("Unsqueeze", [b, const(t, list(range(4 - rank)))])
-            shifted = t.op("Sub", [b, t.op("ReduceMax", [b, const(t, [3])], attributes={"keepdims": 1})])
+            if b.shape is None or b.shape[2] != 1:  # per-key bias materialised per query: take one row
+                b = t.op("Slice", [b, const(t, [0]), const(t, [1]), const(t, [2])])
+            shifted = t.op("Sub", [b, reduce(t, graph, "ReduceMax", b, [3])])
             weight = t.op("Transpose", [t.op("Exp", [shifted])], attributes={"perm": [0, 1, 3, 2]})
         prefix = site.prefix_tokens or 0
         if options["prefix"] != "exact" or prefix == 0:
             return linear_attention(
-                t, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
+                t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
             )
         q_len = site.q_len if site.q_len is not None else np.iinfo(np.int64).max
         q_prefix = t.op("Slice", [site.q, const(t, [0]), const(t, [prefix]), const(t, [2])])
         q_grid = t.op("Slice", [site.q, const(t, [prefix]), const(t, [q_len]), const(t, [2])])
         exact = softmax_attention(t, q_prefix, site.k, site.v, site.scale, site.bias)
         lin = linear_attention(
-            t, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
+            t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
         )
         return t.op("Concat", [exact, lin], attributes={"axis": 2})
 

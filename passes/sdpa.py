@@ -20,6 +20,14 @@ def const(t: ir_tape.Tape, array, dtype=np.int64) -> ir.Value:
     return t.op("Constant", [], attributes={"value": ir.tensor(np.asarray(array, dtype=dtype))})
 
 
+def reduce(t: ir_tape.Tape, graph: ir.Graph, op: str, x: ir.Value, axes: list[int], keepdims: int = 1) -> ir.Value:
+    """Reduce* with axes as an input (opset ≥ 18; ReduceSum ≥ 13) or as an attribute (older)."""
+    opset = graph.opset_imports.get("", 17)
+    if opset >= 18 or (op == "ReduceSum" and opset >= 13):
+        return t.op(op, [x, const(t, axes)], attributes={"keepdims": keepdims})
+    return t.op(op, [x], attributes={"axes": axes, "keepdims": keepdims})
+
+
 def softmax_attention(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, scale: float, bias: ir.Value | None) -> ir.Value:
     """The plain-op form every lossless rewrite falls back to: Softmax(scale·Q·Kᵀ + bias)·V."""
     kt = t.op("Transpose", [k], attributes={"perm": [0, 1, 3, 2]})

@@ -37,6 +37,8 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
+    #: rows of the embedding table this input indexes (token ids must stay below it)
+    vocab: int | None = None
 
 
 @dataclasses.dataclass
@@ -59,8 +61,23 @@ def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
         if dtype is None:
             raise InputError(f"input {inp.name!r} has an element type attnrewrite cannot generate (onnx type {ttype.elem_type}).")
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim)
-        specs.append(InputSpec(inp.name, np.dtype(dtype), dims))
+        specs.append(InputSpec(inp.name, np.dtype(dtype), dims, _vocab_of(proto, inp.name)))
     return specs
+
+
+def _vocab_of(proto: onnx.ModelProto, name: str) -> int | None:
+    """Rows of the embedding table that `name` indexes: Gather(table, name) (maybe through a Cast)."""
+    init_dims = {t.name: list(t.dims) for t in proto.graph.initializer}
+    aliases = {name}
+    for node in proto.graph.node:
+        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in aliases:
+            aliases.update(node.output)
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in aliases and node.input[0] in init_dims:
+            dims = init_dims[node.input[0]]
+            if dims:
+                return int(dims[0])
+    return None
 
 
 def parse_shape_overrides(texts: list[str]) -> dict[str, tuple[int, ...]]:
@@ -100,7 +117,7 @@ def resolve_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int, ...]]
             else:
                 raise InputError(
                     f"input {spec.name!r} has dynamic dim {i} ({d or '?'}); pass --shape {spec.name}=" + "x".join(
-                        str(x) if isinstance(x, int) else "N" for x in spec.shape) + " with concrete sizes."
+                        str(x) if isinstance(x, int) else ("1" if j == 0 else "N") for j, x in enumerate(spec.shape)) + " with N replaced by a size."
                 )
         shapes[spec.name] = tuple(shape)
     return shapes
@@ -269,6 +286,6 @@ def random_input(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generat
         return np.zeros(shape, dtype=spec.dtype)
     if spec.dtype == np.bool_:
         return rng.random(shape) < 0.5
-    if "ids" in name or "input" in name:
-        return rng.integers(0, vocab, size=shape).astype(spec.dtype)
+    if spec.vocab is not None or "ids" in name or "input" in name:
+        return rng.integers(0, spec.vocab or vocab, size=shape).astype(spec.dtype)
     return rng.integers(0, 4, size=shape).astype(spec.dtype)

@@ -149,7 +149,7 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     elif _rank(v) != 4 or _rank(k_full) != 4:
         raise Reject("query is 4-D but keys or values are not", qk)
     bias, bias_kind = _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo)
-    qd, kd, vd = dims(q4) or [None] * 4, dims(k4) or [None] * 4, dims(v4) or [None] * 4
+    qd, kd = dims(q4) or [None] * 4, dims(k4) or [None] * 4
     head_dim = qd[3]
     if scale <= 0 or not math.isfinite(scale):
         raise Reject(f"logit scale {scale} is not a positive number", qk)
@@ -158,7 +158,7 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
         num_heads=qd[1] if layout == "bhnd" else context.heads_from_reshape(q_base, head_dim),
         head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=scale, bias=bias, bias_kind=bias_kind,
         kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
-        nodes=covered, output_layout=layout,
+        nodes=covered, output_layout=layout, bias_per_key=bias is None or query_invariant(bias),
     )
 
 
@@ -358,6 +358,7 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
         attrs = {name: attr for name, attr in node.attributes.items()}
         out = add_node(graph, node.op_type, new_inputs, attrs, domain=node.domain, name="bias_replay")
         out.type = node.outputs[0].type
+        out.shape = _replay_shape(node, new_inputs)
         mapping[node.outputs[0]] = out
         bias = out
     if q_rank == 3 and bias.shape is not None and len(bias.shape) == 3:
@@ -372,6 +373,55 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
             return add_constant(graph, arr.astype(np_dtype), "bias_const"), "constant"
         return bias, "constant"
     return bias, "input"
+
+
+def _replay_shape(node: ir.Node, inputs: list[ir.Value | None]) -> ir.Shape | None:
+    """Shape of a replayed chain node: broadcast for elementwise ops, the original's for Reshape."""
+    if node.op_type == "Reshape":
+        return node.outputs[0].shape
+    if node.op_type in ("Cast", "Identity"):
+        return inputs[0].shape
+    operands = [i for i in (inputs[1:] if node.op_type == "Where" else inputs) if i is not None]
+    if node.op_type == "Where":
+        operands = [i for i in inputs if i is not None]
+    shapes = [i.shape for i in operands]
+    if any(sh is None for sh in shapes):
+        return None
+    rank = max(len(sh) for sh in shapes)
+    result = []
+    for axis in range(rank):
+        dims_here = [sh[axis - rank + len(sh)] for sh in shapes if axis - rank + len(sh) >= 0]
+        ints = {d for d in dims_here if isinstance(d, int) and d != 1}
+        if len(ints) == 1:
+            result.append(ints.pop())
+        elif all(d == 1 for d in dims_here):
+            result.append(1)
+        else:
+            result.append(next((d for d in dims_here if not isinstance(d, int)), None))
+    return ir.Shape(result)
+
+
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Not", "Equal", "Neg", "Less", "Greater",
+                "LessOrEqual", "GreaterOrEqual", "And", "Or", "Identity", "Min", "Max"}
+
+
+def query_invariant(value: ir.Value, depth: int = 0) -> bool:
+    """Is the bias the same for every query row? True when every source has a query axis of 1.
+
+    Exporters often Expand a `[B, 1, 1, Nk]` padding mask to `[B, 1, Nq, Nk]`; looking through
+    Expand and elementwise ops recovers that it only ever depended on the key.
+    """
+    shape = value.shape
+    if shape is not None and (len(shape) < 2 or shape[-2] == 1):
+        return True
+    node = value.producer()
+    if node is None or depth > 24:
+        return False
+    if node.op_type == "Expand":
+        return query_invariant(node.inputs[0], depth + 1)
+    if node.op_type in _ELEMENTWISE:
+        return all(i is None or query_invariant(i, depth + 1) for i in node.inputs)
+    return False
 
 
 def _zeros_like_logits(graph, q4, k4, q_rank, np_dtype) -> ir.Value:

@@ -193,6 +193,7 @@ class Pipeline:
         report = PassReport(spec=spec)
         canonicalize(model)
         detection = detect(model)
+        self._check_bias_rows(model, detection.sites)
         chosen = select(detection.sites, self.selectors) if self.selectors else list(detection.sites)
         chosen_ids = {s.id for s in chosen}
         applicable: list[AttentionSite] = []
@@ -241,6 +242,24 @@ class Pipeline:
         check_model(model, self.base_dir, [*done, spec.label()])
         report.seconds = time.perf_counter() - start
         return report
+
+    def _check_bias_rows(self, model: ir.Model, sites: list[AttentionSite]) -> None:
+        """Mark input-dependent biases whose rows are identical on real inputs as per-key.
+
+        Exporters build padding masks with index arithmetic (`q_idx >= 0 & mask[k_idx]`) that is
+        query-invariant in value but not in structure; the calibration run settles it.
+        """
+        pending = [s for s in sites if s.bias is not None and not s.bias_per_key and s.bias.name]
+        if not pending or not self.batches:
+            return
+        names = list(dict.fromkeys(s.bias.name for s in pending))
+        session = make_session(model, self.base_dir, names)
+        values = run_batches(session, self.batches[:1], names)
+        for site in pending:
+            arr = values[site.bias.name]
+            if arr.ndim >= 2 and np.array_equal(arr, np.broadcast_to(arr[..., :1, :], arr.shape)):
+                site.bias_per_key = True
+                site.notes.append("bias is the same for every query on the calibration inputs")
 
     def _run_current(self, model, rewrites, spec, done) -> dict[str, np.ndarray]:
         names = [r.probe_name for r in rewrites]

@@ -43,6 +43,8 @@ class AttentionSite:
     #: how the original output relates to the `[B, h, Nq, dv]` view: "bhnd", "squeeze1" ([B·h, N, d]),
     #: or "merge_heads" ([B, N, h·d], fused ops)
     output_layout: str = "bhnd"
+    #: the bias is the same for every query (a key padding mask), even if materialised per query
+    bias_per_key: bool = False
     verified: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
 
