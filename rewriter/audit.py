@@ -56,7 +56,7 @@ def audit(before: str, after: str, calibration, budgets, progress: Progress | No
     pairing, pairs = pair_sites(before, after)
     sess_b = session_from_path(before, [b for _, b, _ in pairs])
     sess_a = session_from_path(after, [a for _, _, a in pairs])
-    outputs = [o.name for o in sess_b.get_outputs() if o.name not in {b for _, b, _ in pairs}]
+    outputs = [o.name for o in onnx.load(before, load_external_data=False).graph.output]
     missing = [o for o in outputs if o not in {x.name for x in sess_a.get_outputs()}]
     if missing:
         raise InputError(f"{after} lacks the outputs {missing} of {before}.")
