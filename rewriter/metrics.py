@@ -16,7 +16,8 @@ Definitions (all computed in float64, per output, over every calibration sample 
 Non-finite values: positions where both runs hold the same inf (or both NaN) are equal and left out
 of the sums; any other non-finite value in either run makes the output maximally bad (cosine NaN,
 rel_l2/max_abs inf, snr -cap, top1 0) and `nonfinite` counts the offending positions. Budgets
-never hold on NaN.
+never hold on NaN. Bool and integer outputs are compared as numbers; other dtypes (strings) only
+report `mismatch`, the count of differing elements.
 """
 
 from __future__ import annotations

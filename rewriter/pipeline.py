@@ -12,6 +12,8 @@ elimination at the end removes whichever branch lost.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,17 @@ def check_model(model: ir.Model, base_dir: Path, done: list[str]) -> None:
     """onnx.checker and shape inference must accept every model we produce."""
     proto = ir.to_proto(model)
     try:
-        onnx.checker.check_model(proto)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            # the checker resolves external data relative to the model file: check a copy beside it
+            fd, tmp = tempfile.mkstemp(prefix=".attnrewrite-check-", suffix=".onnx", dir=base_dir)
+            os.close(fd)
+            try:
+                onnx.save(proto, tmp)
+                onnx.checker.check_model(tmp)
+            finally:
+                os.unlink(tmp)
+        else:
+            onnx.checker.check_model(proto)
         onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as exc:  # noqa: BLE001
         raise PassError(f"after {' → '.join(done)}: the model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
