@@ -422,7 +422,8 @@ def _cast(spec: InputSpec, arr: np.ndarray) -> np.ndarray:
             f"{'integers' if not dst_float else 'floats'} implicitly, so save it as {dst}."
         )
     if dst_float:
-        out = arr.astype(dst)
+        with np.errstate(over="ignore"):
+            out = arr.astype(dst)
         if not np.all(np.isfinite(out)):
             raise InputError(f"calibration {spec.name!r} has values too large for the model's {dst}.")
         return out

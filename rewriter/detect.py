@@ -187,16 +187,27 @@ def _find_value_matmul(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
         mm = [u for u in users if u.op_type in ("MatMul", "Einsum") and len(u.inputs) == 2 and u.inputs[0] is value]
         if mm:
             return mm[0], passed
-        nxt = [u for u in users if u.op_type in _PROBS_PASSTHROUGH]
+        nxt = [u for u in users if u.op_type in _PROBS_PASSTHROUGH or _is_nan_guard(u, value)]
         if not nxt:
             break
         passed.append(nxt[0])
+        if nxt[0].op_type == "Where":  # the IsNaN feeding the guard belongs to the site too
+            passed.append(nxt[0].inputs[0].producer())
         value = nxt[0].outputs[0]
     users = softmax.outputs[0].consumers()
     if not users:
         raise Reject("softmax output is a model output (class probabilities), not applied to values")
     kinds = sorted({u.op_type for u in users})
     raise Reject(f"softmax output feeds {', '.join(kinds)}, not a MatMul with values")
+
+
+def _is_nan_guard(node: ir.Node, probs: ir.Value) -> bool:
+    """`Where(IsNaN(p), 0, p)`: the dynamo SDPA decomposition's guard for fully masked rows."""
+    if node.op_type != "Where" or len(node.inputs) != 3 or node.inputs[2] is not probs:
+        return False
+    cond = node.inputs[0].producer() if node.inputs[0] is not None else None
+    fill = scalar_constant(node.inputs[1])
+    return cond is not None and cond.op_type == "IsNaN" and cond.inputs[0] is probs and fill == 0.0
 
 
 def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir.Node, float]:
@@ -480,6 +491,12 @@ def _from_onnx_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
     if mask is not None:
         bias = _mask_to_bias(graph, mask)
         kind = "constant" if is_constant(mask) else "input"
+        if kind == "constant":
+            arr = context.evaluate_constant(bias)
+            if arr is not None and not np.any(arr):
+                bias, kind = None, "none"
+            elif arr is not None:
+                bias = add_constant(graph, arr, "bias_const")
     if causal:
         qd, kd = dims(q4), dims(k4)
         if qd[2] is None or kd[2] is None:
