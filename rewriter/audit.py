@@ -70,10 +70,10 @@ def audit(before: str, after: str, calibration, budgets, progress: Progress | No
     for site_id, b, a in pairs:
         m = M.site_metrics(ref[b], test[a])
         sites.append({"id": site_id, "before": b, "after": a, **m})
-    failures = [str(f) for f in M.check_budgets(budgets, model_metrics)]
+    failures = M.check_budgets(budgets, model_metrics)
     budget_rows = []
     for budget in budgets:
-        mine = [f for f in failures if str(budget) in f]
+        mine = [str(f) for f in failures if f.budget == budget]
         budget_rows.append({"budget": str(budget), "passed": not mine, "detail": "; ".join(mine) or None})
     return clean({
         "tool": "attnrewrite",

@@ -136,7 +136,7 @@ def _budget_summary(budgets, failures: list[str]) -> list[dict]:
     out = []
     for b in budgets:
         text = str(b)
-        mine = [f for f in failures if f.startswith(text) or text in f]
+        mine = [f for f in failures if f.startswith(text + ":")]
         out.append({"budget": text, "passed": not mine, "detail": "; ".join(mine) or None})
     return out
 
