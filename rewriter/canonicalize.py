@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript import rewriter as onnxscript_rewriter
 from onnxscript.optimizer import _constant_folding
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,6 @@ def canonicalize(model: ir.Model) -> ir.Model:
         _constant_folding.FoldConstantsPass(
             shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20
         ),
-        onnxscript_rewriter.RewritePass(onnxscript_rewriter._DEFAULT_REWRITE_RULES),
         common_passes.RemoveUnusedNodesPass(),
     ]
     ir.passes.Sequential(*steps)(model)

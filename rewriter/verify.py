@@ -2,7 +2,7 @@
 
 For every candidate we cut out the subgraph from the site's raw operands to its output (plus the
 Q/K/V/bias views detection built), run it in onnxruntime on random operands, and compare the output
-with `softmax(scale·Q·Kᵀ + bias)·V` computed in float64 from the same run's Q, K, V and bias. A site
+with `softmax(scale·Q·Kᵀ + bias)·V` computed in float32 from the same run's Q, K, V and bias. A site
 that fails is reported with the error and never rewritten. All sites run in one session; only if
 that fails do we run them one by one to find the culprit.
 """
@@ -20,18 +20,22 @@ from attnrewrite.submodel import build_submodel
 #: Relative L2 error above which a reading of a site is considered wrong.
 TOLERANCE = 1e-4
 #: Sizes tried for dimensions the graph leaves symbolic (batch, dynamic sequence length).
-_DYNAMIC_SIZES = (4, 1)
+_DYNAMIC_SIZES = (2, 1)
 
 
 def reference_attention(q, k, v, scale: float, bias=None) -> np.ndarray:
-    """The meaning of a site, in float64: softmax(scale·Q·Kᵀ + bias)·V over the last axis."""
-    logits = scale * np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2))
+    """The meaning of a site: softmax(scale·Q·Kᵀ + bias)·V over the last axis.
+
+    Computed in float32 with a max-shifted softmax: its error (~1e-6 relative) is far below the
+    1e-4 tolerance, and float64 would dominate the cost of inspecting large models.
+    """
+    logits = np.float32(scale) * np.matmul(q.astype(np.float32), np.swapaxes(k.astype(np.float32), -1, -2))
     if bias is not None:
-        logits = logits + bias.astype(np.float64)
+        logits = logits + bias.astype(np.float32)
     logits = logits - np.max(logits, axis=-1, keepdims=True)
     weights = np.exp(logits)
     weights /= np.sum(weights, axis=-1, keepdims=True)
-    return np.matmul(weights, v.astype(np.float64))
+    return np.matmul(weights, v.astype(np.float32))
 
 
 def output_as_bhnd(site: AttentionSite, out: np.ndarray) -> np.ndarray:
@@ -108,11 +112,12 @@ def _verify_together(model: ir.Model, sites: list[AttentionSite]) -> dict[str, s
 
 
 def _compare(site: AttentionSite, results: dict[str, np.ndarray]) -> str | None:
-    q, k, v = (results[x.name] for x in (site.q, site.k, site.v))
-    bias = results[site.bias.name] if site.bias is not None else None
+    # the first two instances are enough to catch a misreading and keep big models cheap
+    q, k, v = (_head(results[x.name]) for x in (site.q, site.k, site.v))
+    bias = _head(results[site.bias.name]) if site.bias is not None else None
     try:
         expected = reference_attention(q, k, v, site.scale, bias)
-        actual = output_as_bhnd(site, results[site.output.name]).astype(np.float64)
+        actual = _head(output_as_bhnd(site, results[site.output.name])).astype(np.float32)
     except ValueError as exc:
         return f"numerical check failed: shapes do not match the site's reading ({_short(exc)})"
     if expected.shape != actual.shape:
@@ -128,6 +133,10 @@ def _compare(site: AttentionSite, results: dict[str, np.ndarray]) -> str | None:
     return None
 
 
+def _head(x: np.ndarray, count: int = 2) -> np.ndarray:
+    return x[:count] if x.ndim >= 3 and x.shape[0] > count else x
+
+
 def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -136,7 +145,7 @@ def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int) -> dic
         kind = inp.type
         if "float" in kind:
             dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[inp.name] = (rng.random(shape, dtype=np.float32) * 4 - 2).astype(dtype, copy=False)
         elif kind == "tensor(bool)":
             arr = rng.random(shape) < 0.8
             if arr.ndim:
