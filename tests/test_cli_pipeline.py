@@ -301,3 +301,16 @@ def test_exit_codes_subprocess(tmp_path, vit, calib):
     proc = subprocess.run(base + ["--pass", "linear", "--force", "--budget", "cosine>=0.9999999"], capture_output=True, text=True)
     assert proc.returncode == 1 and "budget" in proc.stderr
     assert subprocess.run(base + ["--pass", "bogus"], capture_output=True).returncode == 2
+
+
+def test_onnx_path_runs_without_torch(tmp_path, vit, calib):
+    """torch is an optional extra: block its import and run inspect + rewrite + audit."""
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from attnrewrite.cli import main\n"
+        f"assert main(['inspect', {str(vit)!r}]) == 0\n"
+        f"assert main([{str(vit)!r}, '--pass', 'linear', '--calib', {str(calib)!r}, '-o', {str(tmp_path / 'o.onnx')!r}]) == 0\n"
+        f"assert main(['audit', {str(vit)!r}, {str(tmp_path / 'o.onnx')!r}, '--budget', 'cosine>=0.5']) == 0\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
