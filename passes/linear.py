@@ -9,6 +9,10 @@ softmax honours it: key j is weighted by w_j = exp(b_j), which is 0 for masked k
 varies per query (relative positions, window masks) cannot be expressed and the site is declined.
 `prefix=exact` keeps the prefix queries (CLS, registers) on exact softmax attention: they pool the
 whole image and are what a classifier head reads.
+
+`fit=ridge` calibrates the map to mimic softmax (ALGORITHMS.md §6, recipe B): per head, an affine
+output correction `O·R_h + b_h` ridge-fitted on calibration activations so the linear output
+matches the softmax output it replaces; numpy-only and exact to export.
 """
 
 from __future__ import annotations
@@ -50,6 +54,58 @@ def linear_attention(
 
 
 
+# --- the math, defined once (numpy); the ONNX emission above is tested against it -------------
+
+
+def phi_reference(x: np.ndarray, phi: str) -> np.ndarray:
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))) if phi == "elu1" else np.maximum(x, 0.0)
+
+
+def linear_reference(q, k, v, *, scale: float, phi: str, eps: float, key_weight=None) -> np.ndarray:
+    """φ(√s·q)ᵀ(Σ_j w_j φ(√s·k_j) v_jᵀ) / (φ(√s·q)ᵀ Σ_j w_j φ(√s·k_j) + ε), in float64."""
+    root = np.sqrt(scale)
+    fq = phi_reference(q.astype(np.float64) * root, phi)
+    fk = phi_reference(k.astype(np.float64) * root, phi)
+    if key_weight is not None:
+        fk = fk * key_weight
+    kv = np.swapaxes(fk, -1, -2) @ v.astype(np.float64)
+    z = fk.sum(axis=-2, keepdims=True)
+    return (fq @ kv) / (fq @ np.swapaxes(z, -1, -2) + eps)
+
+
+def key_weight_reference(bias: np.ndarray | None) -> np.ndarray | None:
+    """exp(b_j − max b) per key, shaped [B|1, h|1, Nk, 1] (one query row of a per-key bias)."""
+    if bias is None:
+        return None
+    b = bias.astype(np.float64)
+    while b.ndim < 4:
+        b = b[None]
+    b = b[:, :, :1, :]
+    return np.swapaxes(np.exp(b - b.max(axis=-1, keepdims=True)), -1, -2)
+
+
+def fit_output_correction(approx: np.ndarray, target: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per head: argmin ‖[Ô 1]·[R; b] − O‖² + λ‖R − I‖², returning R [h, d, d] and b [h, 1, d].
+
+    `approx`/`target` are `[B, h, N, d]`. λ is `ridge` times the mean feature energy, so it is
+    scale-free; the prior pulls R towards the identity (no correction) when data are scarce.
+    """
+    heads, d = approx.shape[1], approx.shape[3]
+    rs, bs = [], []
+    for h in range(heads):
+        x = approx[:, h].reshape(-1, d).astype(np.float64)
+        y = target[:, h].reshape(-1, d).astype(np.float64)
+        xa = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+        lam = ridge * max(float(np.mean(x * x)) * x.shape[0], 1e-12)
+        prior = np.concatenate([np.eye(d), np.zeros((1, d))], axis=0)
+        reg = lam * np.eye(d + 1)
+        reg[d, d] = lam * 1e-6  # the offset is nearly free
+        sol = np.linalg.solve(xa.T @ xa + reg, xa.T @ y + reg @ prior)
+        rs.append(sol[:d])
+        bs.append(sol[d:])
+    return np.stack(rs).astype(np.float32), np.stack(bs).astype(np.float32)
+
+
 class LinearPass:
     name = "linear"
     exact = False
@@ -59,7 +115,22 @@ class LinearPass:
         Param("eps", positive_float, 1e-6, "added to the normaliser"),
         Param("prefix", str, "linear", "exact: prefix tokens (CLS, registers) keep softmax attention",
               choices=("linear", "exact")),
+        Param("fit", str, "none", "ridge: per-head affine output correction fitted on calibration activations",
+              choices=("none", "ridge")),
+        Param("ridge", positive_float, 1e-2, "ridge strength for fit=ridge (relative to feature energy)"),
     )
+
+    def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], options: dict) -> dict | None:
+        """Fit the output correction from this site's calibration Q, K, V, bias and softmax output."""
+        if options["fit"] == "none":
+            return None
+        q, k, v, target = acts["q"], acts["k"], acts["v"], acts["output"]
+        weight = key_weight_reference(acts.get("bias"))
+        prefix = (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
+        approx = linear_reference(q[:, :, prefix:], k, v, scale=site.scale, phi=options["phi"], eps=options["eps"],
+                                  key_weight=weight)
+        r, b = fit_output_correction(approx, target[:, :, prefix:], options["ridge"])
+        return {"R": r, "b": b}
 
     def applies(self, site: AttentionSite, options: dict) -> str | None:
         if not site.bias_per_key:
@@ -83,9 +154,10 @@ class LinearPass:
             weight = t.op("Transpose", [t.op("Exp", [shifted])], attributes={"perm": [0, 1, 3, 2]})
         prefix = site.prefix_tokens or 0
         if options["prefix"] != "exact" or prefix == 0:
-            return linear_attention(
+            out = linear_attention(
                 t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
             )
+            return _corrected(t, out, options.get("fitted"))
         q_len = site.q_len if site.q_len is not None else np.iinfo(np.int64).max
         q_prefix = t.op("Slice", [site.q, const(t, [0]), const(t, [prefix]), const(t, [2])])
         q_grid = t.op("Slice", [site.q, const(t, [prefix]), const(t, [q_len]), const(t, [2])])
@@ -93,7 +165,16 @@ class LinearPass:
         lin = linear_attention(
             t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
         )
-        return t.op("Concat", [exact, lin], attributes={"axis": 2})
+        return t.op("Concat", [exact, _corrected(t, lin, options.get("fitted"))], attributes={"axis": 2})
+
+
+def _corrected(t: ir_tape.Tape, out: ir.Value, fitted: dict | None) -> ir.Value:
+    """O·R_h + b_h per head, with the fitted constants (identity when nothing was fitted)."""
+    if not fitted:
+        return out
+    r = t.op("Constant", [], attributes={"value": ir.tensor(fitted["R"][None])})  # [1, h, d, d]
+    b = t.op("Constant", [], attributes={"value": ir.tensor(fitted["b"][None])})  # [1, h, 1, d]
+    return t.op("Add", [t.op("MatMul", [out, r]), b])
 
 
 register(LinearPass())

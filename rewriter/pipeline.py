@@ -32,6 +32,7 @@ from attnrewrite.registry import PassSpec
 from attnrewrite.runner import make_session, run_batches, session_from_path
 from attnrewrite.select import select
 from attnrewrite.site import AttentionSite
+from attnrewrite.verify import output_as_bhnd
 
 SITE_TAG = "attnrewrite.site"
 PASS_TAG = "attnrewrite.pass"
@@ -82,13 +83,19 @@ def to_original_layout(graph: ir.Graph, site: AttentionSite, bhnd: ir.Value) -> 
     return bhnd
 
 
-def write_beside(model: ir.Model, spec: PassSpec, sites: list[AttentionSite]) -> list[Rewrite]:
-    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs."""
+def write_beside(
+    model: ir.Model, spec: PassSpec, sites: list[AttentionSite], options: dict[str, dict] | None = None
+) -> list[Rewrite]:
+    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs.
+
+    `options` maps a site id to its options when a pass fitted per-site constants.
+    """
     graph = model.graph
     rewrites = []
     for site in sites:
         before = len(graph)
-        new = to_original_layout(graph, site, spec.impl.rewrite(graph, site, spec.options))
+        site_options = (options or {}).get(site.id, spec.options)
+        new = to_original_layout(graph, site, spec.impl.rewrite(graph, site, site_options))
         new.name = f"attnrewrite/{site.id}/{spec.name}_output"
         new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
         new.metadata_props[SITE_TAG] = site.id
@@ -184,6 +191,8 @@ class Pipeline:
     budgets: list[Any] = dataclasses.field(default_factory=list)
     selectors: tuple[str, ...] = ()
     fallback: bool = False
+    #: calibration batches whose activations passes may fit on (memory grows with sites × batches)
+    fit_batches: int = 8
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     def __post_init__(self) -> None:
@@ -218,8 +227,9 @@ class Pipeline:
                 report.sites.append(SiteOutcome(site.id, "skipped", reason))
             else:
                 applicable.append(site)
+        options = self._fit(model, spec, applicable)
         try:
-            rewrites = write_beside(model, spec, applicable)
+            rewrites = write_beside(model, spec, applicable, options)
         except AttnRewriteError:
             raise
         except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
@@ -254,6 +264,30 @@ class Pipeline:
         check_model(model, self.base_dir, [*done, spec.label()])
         report.seconds = time.perf_counter() - start
         return report
+
+    def _fit(self, model: ir.Model, spec: PassSpec, sites: list[AttentionSite]) -> dict[str, dict]:
+        """Let a pass fit per-site constants on the sites' calibration activations (first batches)."""
+        fit = getattr(spec.impl, "fit", None)
+        if fit is None or not sites or not self.batches:
+            return {}
+        names: dict[str, dict[str, str]] = {}
+        for site in sites:
+            names[site.id] = {"q": site.q.name, "k": site.k.name, "v": site.v.name, "output": site.output.name}
+            if site.bias is not None:
+                names[site.id]["bias"] = site.bias.name
+        wanted = list(dict.fromkeys(n for per in names.values() for n in per.values()))
+        session = make_session(model, self.base_dir, wanted)
+        batches = self.batches[: self.fit_batches]
+        with self.progress.task(f"{spec.label()}: calibration activations", len(batches)) as tick:
+            values = run_batches(session, batches, wanted, tick)
+        fitted = {}
+        for site in sites:
+            acts = {role: values[name] for role, name in names[site.id].items()}
+            acts["output"] = output_as_bhnd(site, acts["output"])
+            result = fit(site, acts, spec.options)
+            if result is not None:
+                fitted[site.id] = {**spec.options, "fitted": result}
+        return fitted
 
     def _check_bias_rows(self, model: ir.Model, sites: list[AttentionSite]) -> None:
         """Mark input-dependent biases whose rows are identical on real inputs as per-key.
