@@ -188,7 +188,9 @@ def evaluate_constant(value: ir.Value, max_elements: int = 1 << 24) -> np.ndarra
         proto, inputs = build_submodel(value.graph, [value])
         if inputs:
             return None
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        from attnrewrite.runner import session_options
+
+        sess = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
         (out,) = sess.run(None, {})
     except Exception:  # noqa: BLE001 - e.g. an op ORT lacks; the value stays symbolic
         return None

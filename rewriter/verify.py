@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from attnrewrite.graphutil import is_constant
 from attnrewrite.site import AttentionSite
+from attnrewrite.runner import session_options
 from attnrewrite.submodel import build_submodel
 
 #: Relative L2 error above which a reading of a site is considered wrong.
@@ -92,7 +93,7 @@ def _verify_together(model: ir.Model, sites: list[AttentionSite]) -> dict[str, s
             if value not in outputs:
                 outputs.append(value)
     proto, inputs = build_submodel(model.graph, outputs, inside)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     last_error: Exception | None = None
     for size in _DYNAMIC_SIZES:
         feeds = _random_feeds(session, size, seed=0)
