@@ -50,8 +50,11 @@ def moe_gate(seed=0):
     return _model(nodes, [f32("x", [2, 5, 8])], [f32("mix", [2, 5, 1, 8])], inits)
 
 
-def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17):
-    """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|input."""
+def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, project=False, self_attention=False):
+    """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|input.
+
+    `project=True` adds an output projection, so the attention output is not itself a model output.
+    """
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
@@ -60,6 +63,11 @@ def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17):
     ]
     inputs = [f32("q", [1, heads, n, d]), f32("k", [1, heads, n, d]), f32("v", [1, heads, n, d])]
     inits = [init("scale", 0.5)]
+    if self_attention:  # q, k, v projected from one token stream x
+        inputs = [f32("x", [1, heads, n, d])]
+        for name in "qkv":
+            inits.append(init("W" + name, rng.standard_normal((d, d)) * 1.5))
+            nodes.insert(0, helper.make_node("MatMul", ["x", "W" + name], [name]))
     logits = "ss"
     if bias in ("zero", "const"):
         arr = np.zeros((heads, n, n)) if bias == "zero" else rng.standard_normal((heads, n, n))
@@ -71,6 +79,10 @@ def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17):
         nodes.append(helper.make_node("Add", ["ss", "mask"], ["sb"]))
         logits = "sb"
     nodes += [helper.make_node("Softmax", [logits], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    if project:
+        inits.append(init("Wo", rng.standard_normal((d, d))))
+        nodes.append(helper.make_node("MatMul", ["o", "Wo"], ["y"]))
+        return _model(nodes, inputs, [f32("y", [1, heads, n, d])], inits, opset=opset)
     return _model(nodes, inputs, [f32("o", [1, heads, n, d])], inits, opset=opset)
 
 
