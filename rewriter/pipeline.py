@@ -335,6 +335,23 @@ class Pipeline:
         return current
 
 
+def apply_unvalidated(model: ir.Model, spec: PassSpec, selectors: tuple[str, ...] = ()) -> list[str]:
+    """Rewrite every applicable site without calibration runs; returns the rewritten site ids.
+
+    For benchmarks and scripted experiments on models too large to validate each time; the CLI
+    always validates.
+    """
+    canonicalize(model)
+    detection = detect(model)
+    chosen = select(detection.sites, selectors) if selectors else detection.sites
+    applicable = [s for s in chosen if not _why_not(spec, s)]
+    rewrites = write_beside(model, spec, applicable)
+    for r in rewrites:
+        switch(r, on=True)
+    finalize(model)
+    return [r.site.id for r in rewrites]
+
+
 def _why_not(spec: PassSpec, site: AttentionSite) -> str | None:
     if not site.verified:
         return "not verified numerically"
