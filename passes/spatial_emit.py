@@ -159,29 +159,26 @@ def emit_tiled(
     if _static(q, 2) != n_total or _static(k, 2) != n_total:
         raise ValueError(f"grid {grid} + {prefix} prefix tokens != {_static(q, 2)} tokens")
     tables = build_tables(grid, rule_y, rule_x)
-    qg, kg, vg = (_slice(t, x, prefix, n_total, 2) if prefix else x for x in (q, k, v))
     if tables.zero_keys is not None and bias is not None:
         raise ValueError("zero-padded halo keys with a bias are not supported")
-    q_tiles = _gather_tokens(t, qg, tables.query_index, d)
-    k_tiles = _gather_tokens(t, kg, tables.key_index, d)
-    v_tiles = _gather_tokens(t, vg, tables.key_index, dv)
-    mask = tables.mask
     global_prefix = prefix > 0 and prefix_mode == "global"
-    if global_prefix:  # one softmax over prefix ∪ local keys: put the prefix keys in front of every tile
-        n_tiles = tables.query_index.shape[0]
-        reps = _c(t, [1, 1, n_tiles, 1, 1], np.int64)
-        kp = t.op("Expand", [t.op("Unsqueeze", [_slice(t, k, 0, prefix, 2), _c(t, [2], np.int64)]), reps])
-        vp = t.op("Expand", [t.op("Unsqueeze", [_slice(t, v, 0, prefix, 2), _c(t, [2], np.int64)]), reps])
-        k_tiles = t.op("Concat", [kp, k_tiles], attributes={"axis": 3})
-        v_tiles = t.op("Concat", [vp, v_tiles], attributes={"axis": 3})
-        if mask is not None:
-            mask = np.concatenate([np.zeros(mask.shape[:2] + (prefix,), np.float32), mask], axis=2)
+    # Gather straight from the full token axis: prefix keys (one softmax over prefix ∪ local keys)
+    # are just the first columns of every tile's key table, so no Slice/Expand/Concat copies.
+    key_table = tables.key_index + prefix
+    if global_prefix:
+        key_table = np.concatenate([np.broadcast_to(np.arange(prefix), (key_table.shape[0], prefix)), key_table], 1)
+    q_tiles = _gather_tokens(t, q, tables.query_index + prefix, d)
+    k_tiles = _gather_tokens(t, k, key_table, d)
+    v_tiles = _gather_tokens(t, v, key_table, dv)
+    mask = tables.mask
+    if global_prefix and mask is not None:
+        mask = np.concatenate([np.zeros(mask.shape[:2] + (prefix,), np.float32), mask], axis=2)
     if tables.zero_keys is not None:
         # each zero key adds exp(0 − max) to the denominator: model them as one extra key with
         # logit log(count) (count 0 → masked) and a zero value
         n_tiles, tq = tables.zero_keys.shape
         extra = np.where(tables.zero_keys > 0, np.log(np.maximum(tables.zero_keys, 1)), MASKED).astype(np.float32)
-        base = mask if mask is not None else np.zeros((n_tiles, tq, k_tiles_width(tables, prefix, global_prefix)), np.float32)
+        base = mask if mask is not None else np.zeros((n_tiles, tq, key_table.shape[1]), np.float32)
         mask = np.concatenate([base, extra[:, :, None]], axis=2)
         zk = t.op("Mul", [_slice(t, k_tiles, 0, 1, 3), _c(t, 0.0, np.float32)])
         zv = t.op("Mul", [_slice(t, v_tiles, 0, 1, 3), _c(t, 0.0, np.float32)])
@@ -208,10 +205,6 @@ def emit_tiled(
             bias_rows = _slice(t, bias_rows, 0, prefix, len(bias.shape) - 1) if bias.shape[-1] != 1 else bias_rows
         prefix_out = _dense(t, qp, kp, vp, scale, bias_rows)
     return t.op("Concat", [prefix_out, grid_out], attributes={"axis": 2})
-
-
-def k_tiles_width(tables: TileTables, prefix: int, global_prefix: bool) -> int:
-    return tables.key_index.shape[1] + (prefix if global_prefix else 0)
 
 
 # --- the variants -------------------------------------------------------------------------------
