@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from attnrewrite.synthetic import vit as synthetic_vit
+
 
 def _model(nodes, inputs, outputs, inits=(), opset=17, extra_opsets=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
@@ -103,73 +105,4 @@ def ms_multihead_attention(n=6, heads=2, d=4):
                   [f32("o", [1, n, hidden])], extra_opsets=[("com.microsoft", 1)])
 
 
-def tiny_vit(depth=2, img=(16, 16), patch=4, dim=16, heads=2, prefix=1, classes=5, seed=0, sharpen=4.0, opset=17,
-             dynamic_batch=True):
-    """A pure-ONNX timm-style ViT (Conv patch embed, prefix tokens, pre-norm blocks), no torch needed.
-
-    Q/K weights are scaled by `sharpen` so attention is far from uniform and broken rewrites show.
-    """
-    rng = np.random.default_rng(seed)
-    gh, gw = img[0] // patch, img[1] // patch
-    n = prefix + gh * gw
-    d = dim // heads
-    batch = "batch" if dynamic_batch else 1
-    inits = [
-        init("patch_w", rng.standard_normal((dim, 3, patch, patch)) * 0.2), init("patch_b", np.zeros(dim)),
-        init("prefix_tok", rng.standard_normal((1, prefix, dim))), init("pos", rng.standard_normal((1, n, dim)) * 0.1),
-        init("head_w", rng.standard_normal((dim, classes)) * 0.5),
-        numpy_helper.from_array(np.array([0, dim, -1], np.int64), "flat_shape"),
-        numpy_helper.from_array(np.array([0, n, 3, heads, d], np.int64), "qkv_shape"),
-        numpy_helper.from_array(np.array([0, n, dim], np.int64), "merge_shape"),
-        numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array(1, np.int64), "i1"),
-        numpy_helper.from_array(np.array(2, np.int64), "i2"), init("scale", d ** -0.5),
-        init("ln_g", np.ones(dim)), init("ln_b", np.zeros(dim)),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "patch_w", "patch_b"], ["pe"], kernel_shape=[patch, patch], strides=[patch, patch]),
-        helper.make_node("Reshape", ["pe", "flat_shape"], ["pf"]),
-        helper.make_node("Transpose", ["pf"], ["tok"], perm=[0, 2, 1]),
-        helper.make_node("Shape", ["x"], ["xs"], end=1),
-        helper.make_node("Concat", ["xs", "pre_dims"], ["pre_shape"], axis=0),
-        helper.make_node("Expand", ["prefix_tok", "pre_shape"], ["pre"]),
-        helper.make_node("Concat", ["pre", "tok"], ["cat"], axis=1),
-        helper.make_node("Add", ["cat", "pos"], ["h0"]),
-    ]
-    inits.append(numpy_helper.from_array(np.array([prefix, dim], np.int64), "pre_dims"))
-    h = "h0"
-    for layer in range(depth):
-        p = f"l{layer}_"
-        wqkv = rng.standard_normal((dim, 3 * dim)) / np.sqrt(dim)
-        wqkv[:, : 2 * dim] *= sharpen
-        inits += [init(p + "wqkv", wqkv), init(p + "wo", rng.standard_normal((dim, dim)) / np.sqrt(dim)),
-                  init(p + "w1", rng.standard_normal((dim, 2 * dim)) / np.sqrt(dim)),
-                  init(p + "w2", rng.standard_normal((2 * dim, dim)) / np.sqrt(2 * dim))]
-        nodes += [
-            helper.make_node("LayerNormalization", [h, "ln_g", "ln_b"], [p + "ln"], axis=-1),
-            helper.make_node("MatMul", [p + "ln", p + "wqkv"], [p + "qkv"]),
-            helper.make_node("Reshape", [p + "qkv", "qkv_shape"], [p + "qkv5"]),
-            helper.make_node("Transpose", [p + "qkv5"], [p + "qkvt"], perm=[2, 0, 3, 1, 4]),
-            helper.make_node("Gather", [p + "qkvt", "i0"], [p + "q"], axis=0),
-            helper.make_node("Gather", [p + "qkvt", "i1"], [p + "k"], axis=0),
-            helper.make_node("Gather", [p + "qkvt", "i2"], [p + "v"], axis=0),
-            helper.make_node("Mul", [p + "q", "scale"], [p + "qs"]),
-            helper.make_node("Transpose", [p + "k"], [p + "kt"], perm=[0, 1, 3, 2]),
-            helper.make_node("MatMul", [p + "qs", p + "kt"], [p + "logits"]),
-            helper.make_node("Softmax", [p + "logits"], [p + "attn"], axis=-1),
-            helper.make_node("MatMul", [p + "attn", p + "v"], [p + "o"]),
-            helper.make_node("Transpose", [p + "o"], [p + "ot"], perm=[0, 2, 1, 3]),
-            helper.make_node("Reshape", [p + "ot", "merge_shape"], [p + "om"]),
-            helper.make_node("MatMul", [p + "om", p + "wo"], [p + "proj"]),
-            helper.make_node("Add", [h, p + "proj"], [p + "r1"]),
-            helper.make_node("LayerNormalization", [p + "r1", "ln_g", "ln_b"], [p + "ln2"], axis=-1),
-            helper.make_node("MatMul", [p + "ln2", p + "w1"], [p + "m1"]),
-            helper.make_node("Relu", [p + "m1"], [p + "m1r"]),
-            helper.make_node("MatMul", [p + "m1r", p + "w2"], [p + "m2"]),
-            helper.make_node("Add", [p + "r1", p + "m2"], [p + "out"]),
-        ]
-        h = p + "out"
-    nodes += [
-        helper.make_node("Gather", [h, "i0"], ["cls"], axis=1),
-        helper.make_node("MatMul", ["cls", "head_w"], ["logits"]),
-    ]
-    return _model(nodes, [f32("x", [batch, 3, img[0], img[1]])], [f32("logits", [batch, classes])], inits, opset=opset)
+tiny_vit = synthetic_vit
