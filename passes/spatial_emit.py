@@ -1,261 +1,267 @@
 """ONNX subgraphs for the spatial variants: tiles of queries, gathered key regions, batched MatMuls.
 
-All variants share one shape of computation. Grid queries are grouped into tiles (a window, a MaxViT
-grid group, a HaloNet block, or a t×t patch of neighbourhood queries). Each tile gathers the union
-of its queries' keys once, with a static index table, so the work is one batched MatMul
-`[B, h, tiles, Tq, d] × [B, h, tiles, d, R]`; a static additive mask carves each query's exact key
-set out of the region where they differ. Outputs are put back in token order with one inverse
-Gather. Prefix tokens keep dense attention. The tables come from the per-axis rules of
-`spatial_reference.py`, so the math is defined in one place.
+One computation serves every variant (`emit_tiled`), driven by the static tables of
+`spatial_tables.py`:
+
+    Qt = scale·Gather(Q, query tiles)            [B, h, T, Tq, d]
+    Kt, Vt = Gather(K|V, key regions)            [B, h, T, R, d]   (prefix keys = first columns)
+    S = Qt · Ktᵀ + mask (+ bias, gathered)       [B, h, T, Tq, R]  mask carves each query's exact set
+    O = Gather(Softmax(S) · Vt, inverse)         [B, h, N, dv]     back in token order
+
+Prefix queries keep dense attention and are concatenated in front. Nothing depends on the batch
+size (Reshape copies dims with 0), so a symbolic batch dim stays symbolic. Masks use a dtype-aware
+large negative, biases are clamped so no row is ever fully masked (see `spatial_tables`), and
+HaloNet's zero keys are one sentinel zero row appended to K and V whose logit gets log(count).
+Large tables become initializers named by content, so all sites with the same geometry share one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
+import hashlib
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes import spatial_reference as R
+from attnrewrite.passes.spatial_tables import (  # noqa: F401  (re-exported for passes/benchmarks)
+    AxisRule, TileTables, bias_floor, build_tables, masked_value, rules_grid, rules_halo, rules_neighborhood,
+    rules_window, window_axis,
+)
+from attnrewrite.passes import spatial_tables as S
 
-#: Large negative for masked logits: finite (no inf − inf = NaN), far below any real logit.
-MASKED = np.float32(np.finfo(np.float32).min / 4)
-
-
-@dataclasses.dataclass
-class TileTables:
-    """Static tables for one tiling of the grid (indices are grid positions, prefix excluded)."""
-
-    query_index: np.ndarray  # [T, Tq] grid position of each tile slot (pads repeat a real query)
-    key_index: np.ndarray  # [T, R]  grid position of each key slot (pads point at 0, masked)
-    mask: np.ndarray | None  # [T, Tq, R] additive; None when every slot is a real, allowed key
-    inverse: np.ndarray  # [N] flat slot (tile·Tq + slot) holding each grid query
-    zero_keys: np.ndarray | None  # [T, Tq] zero-padded keys per query (halo border="zero")
-
-    @property
-    def useful_fraction(self) -> float:
-        """Allowed (query, key) pairs over computed pairs: the FLOP efficiency of this tiling."""
-        computed = self.query_index.size * self.key_index.shape[1]
-        if self.mask is None:
-            return 1.0
-        return float(np.sum(self.mask == 0) / computed)
+#: Tables at least this many elements become shared, content-named initializers.
+_SHARED_MIN_SIZE = 256
 
 
-def build_tables(grid: tuple[int, int], rule_y: R.AxisRule, rule_x: R.AxisRule) -> TileTables:
-    h, w = grid
-    tiles = []
-    for ty, tx in itertools.product(rule_y.tiles, rule_x.tiles):
-        queries = [y * w + x for y in ty for x in tx]
-        ky = sorted({k for y in ty for k in rule_y.keys[y]})
-        kx = sorted({k for x in tx for k in rule_x.keys[x]})
-        keys = [y * w + x for y in ky for x in kx]
-        tiles.append((ty, tx, queries, ky, kx, keys))
-    tq = max(len(t[2]) for t in tiles)
-    r = max(len(t[5]) for t in tiles)
-    n_tiles = len(tiles)
-    query_index = np.zeros((n_tiles, tq), np.int64)
-    key_index = np.zeros((n_tiles, r), np.int64)
-    mask = np.full((n_tiles, tq, r), MASKED, np.float32)
-    zeros = np.zeros((n_tiles, tq), np.int64)
-    inverse = np.full(h * w, -1, np.int64)
-    for t, (ty, tx, queries, ky, kx, keys) in enumerate(tiles):
-        query_index[t, : len(queries)] = queries
-        query_index[t, len(queries):] = queries[0]
-        key_index[t, : len(keys)] = keys
-        pos_y = {y: i for i, y in enumerate(ky)}
-        pos_x = {x: i for i, x in enumerate(kx)}
-        for slot, (y, x) in enumerate((y, x) for y in ty for x in tx):
-            inverse[y * w + x] = t * tq + slot
-            allowed_y = np.zeros(len(ky), bool)
-            allowed_y[[pos_y[k] for k in rule_y.keys[y]]] = True
-            allowed_x = np.zeros(len(kx), bool)
-            allowed_x[[pos_x[k] for k in rule_x.keys[x]]] = True
-            ok = np.outer(allowed_y, allowed_x).reshape(-1)
-            mask[t, slot, : len(keys)] = np.where(ok, 0.0, MASKED)
-            if rule_y.zeros is not None or rule_x.zeros is not None:
-                ny = len(rule_y.keys[y]) + (rule_y.zeros[y] if rule_y.zeros else 0)
-                nx = len(rule_x.keys[x]) + (rule_x.zeros[x] if rule_x.zeros else 0)
-                zeros[t, slot] = ny * nx - len(rule_y.keys[y]) * len(rule_x.keys[x])
-        for slot in range(len(queries), tq):  # pad queries: keep a harmless finite row
-            mask[t, slot] = mask[t, 0]
-    assert np.all(inverse >= 0), "every grid query must belong to a tile"
-    has_zeros = bool(np.any(zeros))
-    return TileTables(
-        query_index=query_index, key_index=key_index,
-        mask=None if np.all(mask == 0) else mask, inverse=inverse,
-        zero_keys=zeros if has_zeros else None,
-    )
+def _const(t: ir_tape.Tape, array: np.ndarray) -> ir.Value:
+    array = np.ascontiguousarray(array)
+    graph = t.graph_like
+    if array.size < _SHARED_MIN_SIZE or not isinstance(graph, ir.Graph):
+        return t.op("Constant", [], attributes={"value": ir.tensor(array)})
+    digest = hashlib.sha1(array.tobytes() + str((array.dtype.str, array.shape)).encode()).hexdigest()[:16]
+    name = f"attnrewrite_spatial_{digest}"
+    existing = graph.initializers.get(name)
+    if existing is not None:
+        return existing
+    return t.initializer(ir.tensor(array, name=name), name=name)
 
 
-# --- ONNX emission ------------------------------------------------------------------------------
-
-
-def _c(t: ir_tape.Tape, array, dtype=None) -> ir.Value:
-    arr = np.asarray(array, dtype=dtype) if dtype is not None else np.asarray(array)
-    return t.op("Constant", [], attributes={"value": ir.tensor(arr)})
+def _ints(t, values) -> ir.Value:
+    return _const(t, np.asarray(values, np.int64))
 
 
 def _static(value: ir.Value, axis: int) -> int:
-    dim = value.shape[axis] if value.shape is not None else None
+    dim = value.shape[axis] if value.shape is not None and len(value.shape) > axis else None
     if not isinstance(dim, int):
-        raise ValueError(f"axis {axis} of {value.name} must be static for a spatial rewrite")
+        raise ValueError(f"axis {axis} of {value.name} must be static for a spatial rewrite (shape {value.shape})")
     return dim
 
 
-def _gather_tokens(t, x: ir.Value, index: np.ndarray, d: int) -> ir.Value:
-    """x [B, h, N, d] gathered at `index` [T, S] → [B, h, T, S, d]."""
-    flat = t.op("Gather", [x, _c(t, index.reshape(-1), np.int64)], attributes={"axis": 2})
-    return t.op("Reshape", [flat, _c(t, [0, 0, index.shape[0], index.shape[1], d], np.int64)])
+def _dtype(value: ir.Value):
+    if value.dtype is None:
+        raise ValueError(f"{value.name} has no element type")
+    return value.dtype.numpy()
 
 
-def _dense(t, q, k, v, scale, bias_rows) -> ir.Value:
-    kt = t.op("Transpose", [k], attributes={"perm": [0, 1, 3, 2]})
-    logits = t.op("MatMul", [t.op("Mul", [q, _c(t, scale, np.float32)]), kt])
+def _slice(t, x, start: int, end: int, axis: int) -> ir.Value:
+    return t.op("Slice", [x, _ints(t, [start]), _ints(t, [end]), _ints(t, [axis])])
+
+
+def _gather_tokens(t, x: ir.Value, index: np.ndarray, tokens: int, d: int) -> ir.Value:
+    """x [B, h, tokens, d] at `index` [T, S] → [B, h, T, S, d]; a plain Reshape when index is 0..tokens-1."""
+    shape = _ints(t, [0, 0, index.shape[0], index.shape[1], d])
+    if index.size == tokens and np.array_equal(index.reshape(-1), np.arange(index.size)):
+        return t.op("Reshape", [x, shape])
+    flat = t.op("Gather", [x, _const(t, index.reshape(-1).astype(np.int64))], attributes={"axis": 2})
+    return t.op("Reshape", [flat, shape])
+
+
+def _dense(t, qs, k, v, bias_rows) -> ir.Value:
+    """softmax(qs·kᵀ + bias)·v for the prefix queries (qs already scaled)."""
+    logits = t.op("MatMul", [qs, t.op("Transpose", [k], attributes={"perm": [0, 1, 3, 2]})])
     if bias_rows is not None:
         logits = t.op("Add", [logits, bias_rows])
     return t.op("MatMul", [t.op("Softmax", [logits], attributes={"axis": -1}), v])
 
 
-def _slice(t, x, start: int, end: int, axis: int) -> ir.Value:
-    return t.op("Slice", [x, _c(t, [start], np.int64), _c(t, [end], np.int64), _c(t, [axis], np.int64)])
+# --- bias ---------------------------------------------------------------------------------------
 
 
-def _tile_bias(t, bias: ir.Value, tables: TileTables, prefix: int, n_total: int, with_prefix_keys: bool):
-    """The site's bias at each tile's (query, key) slots: [B|1, h|1, T, Tq|1, Kslots|1]."""
+def _bias_axes(bias: ir.Value, n_total: int) -> tuple[int, bool, bool]:
+    """(rank, rows are per query, columns are per key) of a bias broadcastable to [B, h, n, n]."""
+    if bias.shape is None or not 1 <= len(bias.shape) <= 4:
+        raise ValueError(f"bias {bias.name} must have a known rank <= 4, got shape {bias.shape}")
     rank = len(bias.shape)
-    rows_full = bias.shape[rank - 2] != 1
-    cols_full = bias.shape[rank - 1] != 1
-    q_rows = tables.query_index + prefix if rows_full else np.zeros((tables.query_index.shape[0], 1), np.int64)
-    key_cols = tables.key_index + prefix
-    if with_prefix_keys:
-        key_cols = np.concatenate([np.broadcast_to(np.arange(prefix), (key_cols.shape[0], prefix)), key_cols], 1)
-    if not cols_full:
-        key_cols = np.zeros((key_cols.shape[0], 1), np.int64)
-    width = n_total if cols_full else 1
-    flat_index = q_rows[:, :, None] * width + key_cols[:, None, :]  # [T, Tq|1, K|1]
+    dims = [1] * (4 - rank) + list(bias.shape)
+    for dim in dims[2:]:
+        if isinstance(dim, int) and dim not in (1, n_total):
+            raise ValueError(f"bias {bias.name} shape {bias.shape}: last two dims must be 1 or {n_total}")
+    return rank, dims[2] != 1, dims[3] != 1
+
+
+def _tile_bias(t, bias: ir.Value, row_table: np.ndarray, key_table: np.ndarray, n_total: int, sentinel: bool,
+               dtype) -> tuple[ir.Value | None, np.ndarray | None]:
+    """The bias at each tile's (query, key) slots, clamped to `bias_floor`: [B|1, h|1, T, Tq|1, R|1].
+
+    Returns (dynamic value, None) or (None, constant array) for a constant bias. The sentinel zero
+    key (column `n_total`) has bias 0: it is not a token of the site.
+    """
+    rank, rows_full, cols_full = _bias_axes(bias, n_total)
+    cols_full = cols_full or sentinel  # the sentinel needs its own column
+    width = n_total + 1 if sentinel else (n_total if cols_full else 1)
+    rows = row_table if rows_full else np.zeros((row_table.shape[0], 1), np.int64)
+    cols = key_table if cols_full else np.zeros((key_table.shape[0], 1), np.int64)
+    flat_index = rows[:, :, None] * width + cols[:, None, :]
+    floor = bias_floor(dtype)
     if bias.const_value is not None:
-        arr = bias.const_value.numpy()
-        while arr.ndim < 4:
-            arr = arr[None]
+        arr = bias.const_value.numpy().reshape([1] * (4 - rank) + list(bias.const_value.shape))
+        arr = np.broadcast_to(arr, arr.shape[:2] + (arr.shape[2], n_total if cols_full else 1))
+        if sentinel:
+            arr = np.concatenate([arr, np.zeros(arr.shape[:3] + (1,), arr.dtype)], axis=3)
         flat = arr.reshape(arr.shape[0], arr.shape[1], -1)
-        return _c(t, np.take(flat, flat_index, axis=2).astype(np.float32))
+        return None, np.maximum(np.take(flat, flat_index, axis=2), floor)
     b = bias
     if rank < 4:
-        b = t.op("Unsqueeze", [b, _c(t, list(range(4 - rank)), np.int64)])
-    flat = t.op("Reshape", [b, _c(t, [0, 0, -1], np.int64)])
-    gathered = t.op("Gather", [flat, _c(t, flat_index.reshape(-1), np.int64)], attributes={"axis": 2})
-    return t.op("Reshape", [gathered, _c(t, [0, 0, *flat_index.shape], np.int64)])
+        b = t.op("Unsqueeze", [b, _ints(t, list(range(4 - rank)))])
+    if sentinel:
+        b = t.op("Expand", [b, _ints(t, [1, 1, 1, n_total])])
+        b = t.op("Pad", [b, _ints(t, [0, 0, 0, 0, 0, 0, 0, 1])])
+    flat = t.op("Reshape", [b, _ints(t, [0, 0, -1])])
+    gathered = t.op("Gather", [flat, _const(t, flat_index.reshape(-1))], attributes={"axis": 2})
+    gathered = t.op("Reshape", [gathered, _ints(t, [0, 0, *flat_index.shape])])
+    return t.op("Max", [gathered, _const(t, np.array(floor, dtype))]), None
+
+
+# --- the shared computation ---------------------------------------------------------------------
 
 
 def emit_tiled(
     t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, bias: ir.Value | None,
-    grid: tuple[int, int], prefix: int, rule_y: R.AxisRule, rule_x: R.AxisRule, prefix_mode: str = "global",
+    grid: tuple[int, int], prefix: int, rule_y: AxisRule, rule_x: AxisRule, prefix_mode: str = "global",
 ) -> ir.Value:
-    """Sparse attention of `[B, h, P+N, d]` Q/K/V under the per-axis rules; returns `[B, h, P+N, dv]`."""
+    """Attention of `[B, h, P+N, d]` Q/K/V restricted by the per-axis rules; returns `[B, h, P+N, dv]`."""
+    if prefix_mode not in R.PREFIX_MODES:
+        raise ValueError(f"{prefix_mode=} must be one of {R.PREFIX_MODES}")
     d, dv = _static(q, 3), _static(v, 3)
     n_total = prefix + grid[0] * grid[1]
-    if _static(q, 2) != n_total or _static(k, 2) != n_total:
-        raise ValueError(f"grid {grid} + {prefix} prefix tokens != {_static(q, 2)} tokens")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if _static(x, 2) != n_total:
+            raise ValueError(f"{name} has {_static(x, 2)} tokens, expected {prefix=} + grid {grid[0]}x{grid[1]} = {n_total}")
+    dtype = _dtype(q)
     tables = build_tables(grid, rule_y, rule_x)
-    if tables.zero_keys is not None and bias is not None:
-        raise ValueError("zero-padded halo keys with a bias are not supported")
+    n_tiles, tq = tables.query_index.shape
     global_prefix = prefix > 0 and prefix_mode == "global"
-    # Gather straight from the full token axis: prefix keys (one softmax over prefix ∪ local keys)
-    # are just the first columns of every tile's key table, so no Slice/Expand/Concat copies.
-    key_table = tables.key_index + prefix
+    sentinel = tables.zero_keys is not None
+
+    # key slots: [prefix keys] + region keys + [sentinel zero key]; additive mask over the same slots
+    key_cols = [tables.key_index + prefix]
+    mask_cols = [np.zeros(tables.key_index.shape[:1] + (tq, tables.key_index.shape[1])) if tables.allowed is None
+                 else np.where(tables.allowed, 0.0, masked_value(dtype))]
     if global_prefix:
-        key_table = np.concatenate([np.broadcast_to(np.arange(prefix), (key_table.shape[0], prefix)), key_table], 1)
-    q_tiles = _gather_tokens(t, q, tables.query_index + prefix, d)
-    k_tiles = _gather_tokens(t, k, key_table, d)
-    v_tiles = _gather_tokens(t, v, key_table, dv)
-    mask = tables.mask
-    if global_prefix and mask is not None:
-        mask = np.concatenate([np.zeros(mask.shape[:2] + (prefix,), np.float32), mask], axis=2)
-    if tables.zero_keys is not None:
-        # each zero key adds exp(0 − max) to the denominator: model them as one extra key with
-        # logit log(count) (count 0 → masked) and a zero value
-        n_tiles, tq = tables.zero_keys.shape
-        extra = np.where(tables.zero_keys > 0, np.log(np.maximum(tables.zero_keys, 1)), MASKED).astype(np.float32)
-        base = mask if mask is not None else np.zeros((n_tiles, tq, key_table.shape[1]), np.float32)
-        mask = np.concatenate([base, extra[:, :, None]], axis=2)
-        zk = t.op("Mul", [_slice(t, k_tiles, 0, 1, 3), _c(t, 0.0, np.float32)])
-        zv = t.op("Mul", [_slice(t, v_tiles, 0, 1, 3), _c(t, 0.0, np.float32)])
-        k_tiles = t.op("Concat", [k_tiles, zk], attributes={"axis": 3})
-        v_tiles = t.op("Concat", [v_tiles, zv], attributes={"axis": 3})
-    logits = t.op("MatMul", [t.op("Mul", [q_tiles, _c(t, scale, np.float32)]),
-                             t.op("Transpose", [k_tiles], attributes={"perm": [0, 1, 2, 4, 3]})])
-    if mask is not None:
-        logits = t.op("Add", [logits, _c(t, mask)])
+        key_cols.insert(0, np.broadcast_to(np.arange(prefix), (n_tiles, prefix)))
+        mask_cols.insert(0, np.zeros((n_tiles, tq, prefix)))
+    if sentinel:
+        key_cols.append(np.full((n_tiles, 1), n_total))
+        counts = tables.zero_keys[:, :, None]
+        mask_cols.append(np.where(counts > 0, np.log(np.maximum(counts, 1)), masked_value(dtype)))
+    key_table = np.concatenate(key_cols, axis=1).astype(np.int64)
+    additive = np.concatenate(mask_cols, axis=2) if tables.allowed is not None or sentinel else None
+
+    scale_c = _const(t, np.array(scale, dtype))
+    keys, values = k, v
+    if sentinel:
+        pad = _ints(t, [0, 0, 0, 0, 0, 0, 1, 0])
+        keys, values = t.op("Pad", [k, pad]), t.op("Pad", [v, pad])
+    n_keys = n_total + sentinel
+    # scale right before the MatMul: ORT folds Mul-by-scalar + MatMul + Transpose into one FusedMatMul
+    q_tiles = t.op("Mul", [_gather_tokens(t, q, tables.query_index + prefix, n_total, d), scale_c])
+    k_tiles = _gather_tokens(t, keys, key_table, n_keys, d)
+    v_tiles = _gather_tokens(t, values, key_table, n_keys, dv)
+    logits = t.op("MatMul", [q_tiles, t.op("Transpose", [k_tiles], attributes={"perm": [0, 1, 2, 4, 3]})])
+    dynamic_bias = None
     if bias is not None:
-        logits = t.op("Add", [logits, _tile_bias(t, bias, tables, prefix, n_total, global_prefix)])
+        dynamic_bias, const_bias = _tile_bias(t, bias, tables.query_index + prefix, key_table, n_total, sentinel, dtype)
+        if const_bias is not None:
+            additive = const_bias if additive is None else const_bias + additive
+    if additive is not None:
+        logits = t.op("Add", [logits, _const(t, additive.astype(dtype))])
+    if dynamic_bias is not None:
+        logits = t.op("Add", [logits, dynamic_bias])
     out = t.op("MatMul", [t.op("Softmax", [logits], attributes={"axis": -1}), v_tiles])
-    flat = t.op("Reshape", [out, _c(t, [0, 0, -1, dv], np.int64)])
-    grid_out = t.op("Gather", [flat, _c(t, tables.inverse, np.int64)], attributes={"axis": 2})
-    if not prefix:
-        return grid_out
-    qp = _slice(t, q, 0, prefix, 2)
-    bias_rows = _slice(t, bias, 0, prefix, len(bias.shape) - 2) if bias is not None and bias.shape[-2] != 1 else bias
-    if prefix_mode == "global":
-        prefix_out = _dense(t, qp, k, v, scale, bias_rows)
+    flat = t.op("Reshape", [out, _ints(t, [0, 0, n_tiles * tq, dv])])
+    if n_tiles * tq == grid[0] * grid[1] and np.array_equal(tables.inverse, np.arange(tables.inverse.size)):
+        grid_out = flat
     else:
-        kp, vp = _slice(t, k, 0, prefix, 2), _slice(t, v, 0, prefix, 2)
-        if bias_rows is not None:
-            bias_rows = _slice(t, bias_rows, 0, prefix, len(bias.shape) - 1) if bias.shape[-1] != 1 else bias_rows
-        prefix_out = _dense(t, qp, kp, vp, scale, bias_rows)
-    return t.op("Concat", [prefix_out, grid_out], attributes={"axis": 2})
+        grid_out = t.op("Gather", [flat, _const(t, tables.inverse)], attributes={"axis": 2})
+    if not prefix:
+        return _typed(grid_out, q, n_total, dv)
+
+    qp = t.op("Mul", [_slice(t, q, 0, prefix, 2), scale_c])
+    rank, rows_full, cols_full = _bias_axes(bias, n_total) if bias is not None else (4, False, False)
+    bias_rows = _slice(t, bias, 0, prefix, rank - 2) if bias is not None and rows_full else bias
+    if global_prefix:
+        prefix_out = _dense(t, qp, k, v, bias_rows)
+    else:
+        if bias_rows is not None and cols_full:
+            bias_rows = _slice(t, bias_rows, 0, prefix, rank - 1)
+        prefix_out = _dense(t, qp, _slice(t, k, 0, prefix, 2), _slice(t, v, 0, prefix, 2), bias_rows)
+    return _typed(t.op("Concat", [prefix_out, grid_out], attributes={"axis": 2}), q, n_total, dv)
+
+
+def _typed(out: ir.Value, q: ir.Value, n_total: int, dv: int) -> ir.Value:
+    """The result has Q's element type and shape [B, h, P+N, dv] (B as Q has it, possibly symbolic)."""
+    out.type = q.type
+    out.shape = ir.Shape([q.shape[0], q.shape[1], n_total, dv])
+    return out
 
 
 # --- the variants -------------------------------------------------------------------------------
 
 
-def rules_window(grid, size, shift=(0, 0)):
-    return R.window_axis(grid[0], size[0], shift[0]), R.window_axis(grid[1], size[1], shift[1])
-
-
-def rules_neighborhood(grid, kernel, dilation=(1, 1), tile=None):
-    tile = tile or (None, None)
-    return (R.neighborhood_axis(grid[0], kernel[0], dilation[0], tile[0]),
-            R.neighborhood_axis(grid[1], kernel[1], dilation[1], tile[1]))
-
-
-def rules_grid(grid, size):
-    return R.grid_axis(grid[0], size[0]), R.grid_axis(grid[1], size[1])
-
-
-def rules_halo(grid, block, halo, border="mask"):
-    return R.halo_axis(grid[0], block, halo, border), R.halo_axis(grid[1], block, halo, border)
-
-
-def emit_window(t, q, k, v, *, scale, bias, grid, prefix, size, shift=(0, 0), prefix_mode="global"):
+def emit_window(t, q, k, v, *, scale, bias, grid, prefix, size, shift=(0, 0), prefix_mode="global") -> ir.Value:
+    """Swin W-MSA (shift 0) / SW-MSA (cut-point form); partial windows at the ends (pad + mask)."""
     ry, rx = rules_window(grid, size, shift)
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=grid, prefix=prefix, rule_y=ry, rule_x=rx,
                       prefix_mode=prefix_mode)
 
 
-def emit_neighborhood(t, q, k, v, *, scale, bias, grid, prefix, kernel, dilation=(1, 1), prefix_mode="global", tile=None):
-    ry, rx = rules_neighborhood(grid, kernel, dilation, tile)
+def emit_neighborhood(t, q, k, v, *, scale, bias, grid, prefix, kernel, dilation=(1, 1), prefix_mode="global",
+                      tile=None, stride=(1, 1)) -> ir.Value:
+    """NATTEN neighbourhood (clamped), DiNA with `dilation`, GNA with `stride`; `tile=None` = cost model."""
+    ry, rx = rules_neighborhood(grid, kernel, dilation, tile, stride)
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=grid, prefix=prefix, rule_y=ry, rule_x=rx,
                       prefix_mode=prefix_mode)
 
 
-def emit_grid(t, q, k, v, *, scale, bias, grid, prefix, size, prefix_mode="global"):
+def emit_grid(t, q, k, v, *, scale, bias, grid, prefix, size, prefix_mode="global") -> ir.Value:
+    """MaxViT grid attention: groups of `size` tokens strided by ⌈side/size⌉ across the grid."""
     ry, rx = rules_grid(grid, size)
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=grid, prefix=prefix, rule_y=ry, rule_x=rx,
                       prefix_mode=prefix_mode)
 
 
-def emit_halo(t, q, k, v, *, scale, bias, grid, prefix, block, halo, border="mask", prefix_mode="global"):
+def emit_halo(t, q, k, v, *, scale, bias, grid, prefix, block, halo, border="mask", prefix_mode="global") -> ir.Value:
+    """HaloNet: b×b query blocks over their (b+2h)² windows; `border="zero"` = timm's zero-padded keys."""
     ry, rx = rules_halo(grid, block, halo, border)
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=grid, prefix=prefix, rule_y=ry, rule_x=rx,
                       prefix_mode=prefix_mode)
 
 
-def emit_sliding_1d(t, q, k, v, *, scale, bias, window: int, mode: str = "centered", tile: int | None = None):
-    """Text: `centered` = NATTEN 1-D (exactly `window` keys, clamped); `block` = disjoint windows."""
-    length = _static(q, 2)
+def emit_sliding_1d(t, q, k, v, *, scale, bias, window: int, mode: str = "centered", prefix: int = 0,
+                    prefix_mode: str = "global", tile: int | None = None) -> ir.Value:
+    """Text: every token after the P prefix tokens sees `window` keys in total (`centered`, NATTEN
+    1-D, clamped at the ends) or its block of `window` tokens (`block`); a key-padding bias
+    [B,1,1,T] is honoured. A window longer than the sequence is full attention."""
+    length = _static(q, 2) - prefix
+    if window < 1:
+        raise ValueError(f"{window=} must be >= 1")
     window = min(window, length)
-    ry = R.window_axis(1, 1)
-    rx = R.neighborhood_axis(length, window, 1, tile) if mode == "centered" else R.window_axis(length, window)
-    return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=(1, length), prefix=0, rule_y=ry, rule_x=rx)
+    if mode == "centered":
+        rule = S.neighborhood_axis(length, window, 1, tile)
+    elif mode == "block":
+        rule = window_axis(length, window)
+    else:
+        raise ValueError(f"{mode=} must be centered or block")
+    return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=(1, length), prefix=prefix,
+                      rule_y=window_axis(1, 1), rule_x=rule, prefix_mode=prefix_mode)

@@ -1,118 +1,141 @@
-"""The math of every spatial variant, defined once: which keys each query may attend to.
+"""The math of every spatial attention variant, as explicit boolean masks: the readable definition.
 
-Every variant is a product of per-axis rules (ALGORITHMS.md §1-5): a 2-D query (y, x) may attend to
-key (y', x') iff y' ∈ keys_y(y) and x' ∈ keys_x(x). The per-axis rules below are the definition;
-`allowed_mask` turns them into a dense boolean matrix and `masked_attention` is the reference the
-ONNX subgraphs are tested against. Prefix tokens (CLS, registers) come first in the token order:
-with `prefix_mode="global"` they attend to everything and every grid query also attends to them;
-with `"local"` they only attend to each other and grid queries do not see them.
+Token order is P prefix tokens (CLS, distillation, registers) then the N = H·W grid tokens row-major.
+Every variant is a product of per-axis rules (ALGORITHMS.md §1-5): grid query (y, x) may attend to
+grid key (y', x') iff `mask_y[y, y']` and `mask_x[x, x']`. The `*_axis_mask` functions below are
+the definitions, written as vectorised formulas over positions; `allowed_*` turn them into dense
+`bool[P+N, P+N]` matrices, and `masked_attention` (float64) is what every ONNX subgraph in
+`spatial_emit.py` is tested against. The tables in `spatial_tables.py` are derived from these same
+masks, so the tests' independent brute-force versions (Swin roll + mask, NATTEN leader/centre
+form) check the definitions and the parity tests check the tiling.
+
+Decisions (each named where it is made):
+
+* Prefix tokens, `prefix_mode="global"` (default): prefix queries attend to all P+N keys, and every
+  grid query attends to all P prefix keys plus its local set, under one softmax (NATTEN's
+  `additional_keys` semantics). `"local"`: prefix ↔ grid is cut both ways; prefix queries attend
+  only to prefix keys, grid queries only to their local set, so the grid part is exactly the pure
+  variant.
+* Window (Swin W-MSA / SW-MSA): the non-cyclic cut-point form; a grid the window does not divide
+  ends in a partial window, which is "pad, then mask the padded keys" (not Swin's unmasked pads).
+* Neighbourhood (NATTEN / DiNA / GNA stride): clamp semantics, every grid query sees exactly
+  kh·kw grid keys; kernel·dilation ≤ side.
+* MaxViT grid: stride ⌈L/G⌉ (pad to a multiple of G, padded tokens absent); groups of a
+  non-divisible axis hold ⌈(L−r)/stride⌉ ≤ G tokens. Equals DiNA(k=G, d=L/G) only when G divides L.
+* HaloNet: block b, halo h; non-divisible sides pad to a multiple of b. `border="mask"` drops keys
+  outside the (unpadded) grid; `border="zero"` keeps them as zero vectors (timm), counted by
+  `halo_zero_keys`: each takes softmax mass exp(0) and adds nothing to the output.
+* 1-D sliding window (text): `window` is the TOTAL number of keys per query (NATTEN kernel size,
+  `mode="centered"`: clamped at the ends, even windows have one more key on the left) or the
+  block length (`mode="block"`: disjoint blocks, last one partial); a window longer than the
+  sequence is clamped to it (full attention).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Callable
-
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class AxisRule:
-    """Per-axis semantics: `keys[i]` = key positions query i sees, `zeros[i]` = zero-padded keys it
-    also sees (HaloNet's border="zero": they take softmax mass with logit 0 and add nothing),
-    `tiles` = a partition of the queries into groups that share most of their keys."""
-
-    keys: list[list[int]]
-    tiles: list[list[int]]
-    zeros: list[int] | None = None
+PREFIX_MODES = ("global", "local")
 
 
-# --- per-axis rules -----------------------------------------------------------------------------
+def pair(value, name: str = "value") -> tuple[int, int]:
+    """An int or a pair of ints → (int, int)."""
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    out = tuple(int(v) for v in value)
+    if len(out) != 2:
+        raise ValueError(f"{name}={value!r} must be an int or a pair")
+    return out
 
 
-def window_axis(length: int, size: int, shift: int = 0) -> AxisRule:
-    """Swin windows with cut points at shift, shift+size, ...: the non-cyclic form of SW-MSA.
+# --- per-axis rules: bool[L, L], row = query position, column = key position ----------------------
 
-    A grid that `size` does not divide ends in a partial window, which is exactly "pad, then mask
-    the padded keys".
+
+def window_axis_mask(length: int, size: int, shift: int = 0) -> np.ndarray:
+    """Swin windows along one axis with cut points at s, s+w, s+2w, … (s = shift mod w; s = 0: w, 2w, …).
+
+    Segment id ⌊(i − s)/w⌋ (−1 for the partial first part when s > 0); a query sees the keys of its
+    segment. This is SW-MSA without the roll (ALGORITHMS.md §1); a trailing partial segment is the
+    "pad + mask pad keys" form.
     """
-    cuts = sorted({0, length, *range(shift % size if shift else size, length, size)})
-    segments = [list(range(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
-    keys = [[] for _ in range(length)]
-    for seg in segments:
-        for i in seg:
-            keys[i] = seg
-    return AxisRule(keys=keys, tiles=segments)
+    if size < 1:
+        raise ValueError(f"{size=} must be >= 1")
+    seg = (np.arange(length) - shift % size) // size
+    return seg[:, None] == seg[None, :]
 
 
-def neighborhood_axis(length: int, kernel: int, dilation: int = 1, tile: int | None = None) -> AxisRule:
-    """NATTEN: exactly `kernel` keys per query in its dilation group, window clamped at borders.
+def neighborhood_axis_mask(length: int, kernel: int, dilation: int = 1, stride: int = 1) -> np.ndarray:
+    """NATTEN neighbourhood along one axis (SHI-Labs/NATTEN flex mask, ALGORITHMS.md §2).
 
-    Group g = i mod d, local coordinate i' = i // d, group length L_g;
-    start = clamp(i' − ⌊k/2⌋, 0, L_g − k), keys g + d·(start + t) for t < k (ALGORITHMS.md §2).
+    Group g = i mod d, local coordinate i' = ⌊i/d⌋, group length L_g; left = ⌊k/2⌋,
+    right = ⌊k/2⌋ + (k mod 2) − 1; leader ℓ = i' (stride 1) or min(⌊i'/σ⌋σ + ⌊σ/2⌋, L_g − 1);
+    centre c = clamp(ℓ, left, L_g − 1 − right); keys are the group's local coordinates [c − left, c + right].
     """
+    if kernel < 1 or dilation < 1 or stride < 1:
+        raise ValueError(f"{kernel=}, {dilation=}, {stride=} must be >= 1")
     if kernel * dilation > length:
-        raise ValueError(f"{kernel=} x {dilation=} exceeds axis length {length}")
-    keys = [[] for _ in range(length)]
-    tiles = []
-    tile = tile or max(1, min(kernel, math.ceil(kernel / 2)))
-    for g in range(dilation):
-        members = list(range(g, length, dilation))
-        lg = len(members)
-        for local, i in enumerate(members):
-            start = min(max(local - kernel // 2, 0), lg - kernel)
-            keys[i] = [g + dilation * (start + t) for t in range(kernel)]
-        tiles += [members[a:a + tile] for a in range(0, lg, tile)]
-    return AxisRule(keys=keys, tiles=tiles)
+        raise ValueError(f"{kernel=} x {dilation=} exceeds the axis length {length}")
+    if stride > kernel:
+        raise ValueError(f"{stride=} must be <= {kernel=}")
+    i = np.arange(length)
+    group, local = i % dilation, i // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    left, right = kernel // 2, kernel // 2 + kernel % 2 - 1
+    leader = local if stride == 1 else np.minimum((local // stride) * stride + stride // 2, group_len - 1)
+    centre = np.minimum(np.maximum(leader, left), group_len - 1 - right)
+    lo, hi = centre - left, centre + right
+    same_group = group[:, None] == group[None, :]
+    return same_group & (local[None, :] >= lo[:, None]) & (local[None, :] <= hi[:, None])
 
 
-def grid_axis(length: int, size: int) -> AxisRule:
-    """MaxViT grid: `size` tokens per group strided across the axis (stride ⌈L/size⌉).
+def grid_axis_mask(length: int, size: int) -> np.ndarray:
+    """MaxViT grid along one axis: G tokens strided by ⌈L/G⌉ (token i is in group i mod stride)."""
+    if not 1 <= size <= length:
+        raise ValueError(f"grid {size=} must be in [1, {length}]")
+    group = np.arange(length) % -(-length // size)
+    return group[:, None] == group[None, :]
 
-    Non-divisible axes use the padded stride ⌈L/G⌉ with padded tokens absent (documented choice).
+
+def halo_axis_mask(length: int, block: int, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    """HaloNet along one axis: query block [a, a+b) sees keys [a−h, a+b+h).
+
+    Returns (keys inside the grid, number of the b+2h window positions outside it); the latter are
+    what timm's zero padding (and our padding of a non-divisible side) turns into zero keys.
     """
-    stride = math.ceil(length / size)
-    groups = [list(range(r, length, stride)) for r in range(stride)]
-    keys = [[] for _ in range(length)]
-    for grp in groups:
-        for i in grp:
-            keys[i] = grp
-    return AxisRule(keys=keys, tiles=[g for g in groups if g])
+    if block < 1 or halo < 0:
+        raise ValueError(f"{block=} must be >= 1 and {halo=} >= 0")
+    i = np.arange(length)
+    start = (i // block) * block
+    mask = (i[None, :] >= start[:, None] - halo) & (i[None, :] < start[:, None] + block + halo)
+    return mask, (block + 2 * halo) - mask.sum(1)
 
 
-def halo_axis(length: int, block: int, halo: int, border: str = "mask") -> AxisRule:
-    """HaloNet: query block [a, a+b) sees keys [a−h, a+b+h); outside the axis the keys are masked
-    (`border="mask"`) or zero vectors that still take softmax mass (`border="zero"`, timm)."""
-    tiles = [list(range(a, min(a + block, length))) for a in range(0, length, block)]
-    keys = [[] for _ in range(length)]
-    zeros = [0] * length
-    for tile in tiles:
-        a = tile[0]
-        lo, hi = a - halo, a + block + halo
-        inside = list(range(max(lo, 0), min(hi, length)))
-        for i in tile:
-            keys[i] = inside
-            zeros[i] = (hi - lo) - len(inside)
-    return AxisRule(keys=keys, tiles=tiles, zeros=zeros if border == "zero" else None)
+def sliding_axis_mask(length: int, window: int, mode: str = "centered") -> np.ndarray:
+    """1-D text: `centered` = NATTEN 1-D with `window` keys in total; `block` = disjoint blocks."""
+    if window < 1:
+        raise ValueError(f"{window=} must be >= 1")
+    window = min(window, length)
+    if mode == "centered":
+        return neighborhood_axis_mask(length, window)
+    if mode == "block":
+        return window_axis_mask(length, window)
+    raise ValueError(f"{mode=} must be centered or block")
 
 
-# --- dense reference ----------------------------------------------------------------------------
+# --- 2-D masks with prefix tokens ---------------------------------------------------------------
 
 
-def allowed_mask(grid: tuple[int, int], prefix: int, rule_y: AxisRule, rule_x: AxisRule,
-                 prefix_mode: str = "global") -> np.ndarray:
-    """bool[P+N, P+N]: may query i attend to key j (grid tokens row-major after P prefix tokens)."""
+def combine(grid: tuple[int, int], prefix: int, mask_y: np.ndarray, mask_x: np.ndarray,
+            prefix_mode: str = "global") -> np.ndarray:
+    """bool[P+N, P+N] from per-axis masks: grid block = mask_y ⊗ mask_x (row-major tokens)."""
+    if prefix_mode not in PREFIX_MODES:
+        raise ValueError(f"{prefix_mode=} must be one of {PREFIX_MODES}")
     h, w = grid
+    if mask_y.shape != (h, h) or mask_x.shape != (w, w):
+        raise ValueError(f"axis masks {mask_y.shape}, {mask_x.shape} do not match {grid=}")
     n = prefix + h * w
     allowed = np.zeros((n, n), dtype=bool)
-    ay = np.zeros((h, h), dtype=bool)
-    ax = np.zeros((w, w), dtype=bool)
-    for i in range(h):
-        ay[i, rule_y.keys[i]] = True
-    for i in range(w):
-        ax[i, rule_x.keys[i]] = True
-    allowed[prefix:, prefix:] = np.einsum("ac,bd->abcd", ay, ax).reshape(h * w, h * w)
+    allowed[prefix:, prefix:] = np.kron(mask_y, mask_x)
     allowed[:prefix, :prefix] = True
     if prefix_mode == "global":
         allowed[:prefix, :] = True
@@ -120,34 +143,80 @@ def allowed_mask(grid: tuple[int, int], prefix: int, rule_y: AxisRule, rule_x: A
     return allowed
 
 
-def zero_key_counts(grid: tuple[int, int], prefix: int, rule_y: AxisRule, rule_x: AxisRule) -> np.ndarray | None:
-    """Zero-padded keys per query (2-D window count minus in-image count), or None."""
-    if rule_y.zeros is None and rule_x.zeros is None:
-        return None
-    h, w = grid
+def allowed_window(grid, prefix: int, size, shift=(0, 0), prefix_mode: str = "global") -> np.ndarray:
+    (h, w), (sh, sw), (ah, aw) = pair(grid), pair(size, "size"), pair(shift, "shift")
+    return combine((h, w), prefix, window_axis_mask(h, sh, ah), window_axis_mask(w, sw, aw), prefix_mode)
+
+
+def allowed_neighborhood(grid, prefix: int, kernel, dilation=(1, 1), prefix_mode: str = "global",
+                         stride=(1, 1)) -> np.ndarray:
+    (h, w), (kh, kw) = pair(grid), pair(kernel, "kernel")
+    (dh, dw), (sh, sw) = pair(dilation, "dilation"), pair(stride, "stride")
+    return combine((h, w), prefix, neighborhood_axis_mask(h, kh, dh, sh), neighborhood_axis_mask(w, kw, dw, sw),
+                   prefix_mode)
+
+
+def allowed_grid(grid, prefix: int, size, prefix_mode: str = "global") -> np.ndarray:
+    (h, w), (gh, gw) = pair(grid), pair(size, "size")
+    return combine((h, w), prefix, grid_axis_mask(h, gh), grid_axis_mask(w, gw), prefix_mode)
+
+
+def allowed_halo(grid, prefix: int, block, halo, border: str = "mask", prefix_mode: str = "global") -> np.ndarray:
+    """Keys inside the grid. With `border="zero"` also pass `halo_zero_keys(...)` to `masked_attention`."""
+    if border not in ("mask", "zero"):
+        raise ValueError(f"{border=} must be mask or zero")
+    (h, w), (bh, bw), (hh, hw) = pair(grid), pair(block, "block"), pair(halo, "halo")
+    return combine((h, w), prefix, halo_axis_mask(h, bh, hh)[0], halo_axis_mask(w, bw, hw)[0], prefix_mode)
+
+
+def halo_zero_keys(grid, prefix: int, block, halo) -> np.ndarray:
+    """int[P+N]: zero keys per query for `border="zero"`: window area minus its in-grid part."""
+    (h, w), (bh, bw), (hh, hw) = pair(grid), pair(block, "block"), pair(halo, "halo")
+    my, _ = halo_axis_mask(h, bh, hh)
+    mx, _ = halo_axis_mask(w, bw, hw)
+    inside = np.outer(my.sum(1), mx.sum(1)).reshape(-1)
     counts = np.zeros(prefix + h * w, dtype=np.int64)
-    for y in range(h):
-        for x in range(w):
-            ny = len(rule_y.keys[y]) + (rule_y.zeros[y] if rule_y.zeros else 0)
-            nx = len(rule_x.keys[x]) + (rule_x.zeros[x] if rule_x.zeros else 0)
-            counts[prefix + y * w + x] = ny * nx - len(rule_y.keys[y]) * len(rule_x.keys[x])
+    counts[prefix:] = (bh + 2 * hh) * (bw + 2 * hw) - inside
     return counts
 
 
+def allowed_sliding_1d(length: int, window: int, prefix: int = 0, mode: str = "centered",
+                       prefix_mode: str = "global") -> np.ndarray:
+    """`length` = all tokens (prefix included); the sliding rule applies to the last length − P."""
+    return combine((1, length - prefix), prefix, np.ones((1, 1), bool),
+                   sliding_axis_mask(length - prefix, window, mode), prefix_mode)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+
 def masked_attention(q, k, v, scale: float, allowed: np.ndarray, bias=None, zero_keys=None) -> np.ndarray:
-    """softmax over allowed keys (plus `zero_keys` extra keys of logit 0 and value 0), float64."""
+    """softmax(scale·QKᵀ + bias) V over the allowed keys, in float64.
+
+    `zero_keys[i]` extra keys per query have logit exactly 0 (no scale, no bias: they are not tokens
+    of the site) and value 0: they only add exp(0) each to the softmax denominator.
+    """
+    if not allowed.any(-1).all():
+        raise ValueError("a query row has no allowed key")
     logits = scale * np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2))
     if bias is not None:
-        logits = logits + bias.astype(np.float64)
+        logits = logits + np.asarray(bias, dtype=np.float64)
     logits = np.where(allowed, logits, -np.inf)
     top = np.max(logits, axis=-1, keepdims=True)
     if zero_keys is not None:
-        top = np.maximum(top, np.where(zero_keys[:, None] > 0, 0.0, -np.inf))
+        top = np.maximum(top, np.where(np.asarray(zero_keys)[:, None] > 0, 0.0, -np.inf))
     weights = np.exp(logits - top)
     denom = weights.sum(-1, keepdims=True)
     if zero_keys is not None:
-        denom = denom + zero_keys[:, None] * np.exp(-top)
+        denom = denom + np.asarray(zero_keys)[:, None] * np.exp(-top)
     return np.matmul(weights / denom, v.astype(np.float64))
 
 
-RuleFactory = Callable[[int], AxisRule]
+def __getattr__(name: str):
+    """Per-axis key-list rules and `allowed_mask` now live with the tables; old imports keep working."""
+    if name in ("AxisRule", "window_axis", "neighborhood_axis", "grid_axis", "halo_axis", "allowed_mask",
+                "zero_key_counts"):
+        from attnrewrite.passes import spatial_tables
+
+        return getattr(spatial_tables, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
