@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -214,14 +215,23 @@ class _Candidate(NamedTuple):
 
 
 def _axis_candidates(length: int, kernel: int, dilation: int, stride: int) -> list[_Candidate]:
+    """Tile sizes worth modelling: every size up to 16, then a 1.25x geometric ladder up to 4k, and
+    the whole group; with a stride, whole stride groups only (a split group recomputes its window)."""
     mask = R.neighborhood_axis_mask(length, kernel, dilation, stride)
     group_len = -(-length // dilation)
-    out = []
-    for tile in sorted({*range(1, min(group_len, 4 * kernel) + 1), group_len}):  # larger tiles only near dense
-        if stride > 1 and tile % stride and tile != group_len:
-            continue  # tiles that split a stride group would recompute its shared window
-        out.append(_Candidate(tile, axis_table(AxisRule(mask, _neighborhood_tiles(length, dilation, tile))).stats))
-    return out
+    ladder, m = set(range(1, 17)), 16.0
+    while m < 4 * kernel:
+        m *= 1.25
+        ladder.add(math.ceil(m))
+    tiles = {min(stride * m, group_len) for m in ladder if stride * m <= 4 * kernel} | {group_len}
+    return [_Candidate(t, axis_stats(mask, _neighborhood_tiles(length, dilation, t))) for t in sorted(tiles)]
+
+
+def axis_stats(mask: np.ndarray, tiles) -> tuple[int, int, int]:
+    """`AxisTable.stats` without building the table: (n·tq·r, n·r, n·tq)."""
+    n, tq = len(tiles), max(len(t) for t in tiles)
+    r = max(int(mask[list(t)].any(0).sum()) for t in tiles)
+    return n * tq * r, n * r, n * tq
 
 
 def _cost(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:

@@ -38,13 +38,17 @@ def _run(emit, n, *, batch=2, h=2, d=4, dv=None, bias=None, dynamic_batch=False,
         bias_arr = rng.standard_normal((1, h, n, n)).astype(dtype)
         bias_value = ir.Value(name="bias", shape=ir.Shape(bias_arr.shape), type=ir_type, const_value=ir.tensor(bias_arr, name="bias"))
         graph.register_initializer(bias_value)
-    elif bias in ("padding", "full", "rows"):
-        shape = {"padding": (batch, 1, 1, n), "full": (batch, h, n, n), "rows": (batch, 1, n, 1)}[bias]
+    elif bias == "const2d":  # rank-2 constant [n, n], broadcast over batch and heads
+        bias_arr = rng.standard_normal((n, n)).astype(dtype)
+        bias_value = ir.Value(name="bias", shape=ir.Shape(bias_arr.shape), type=ir_type, const_value=ir.tensor(bias_arr, name="bias"))
+        graph.register_initializer(bias_value)
+    elif bias in ("padding", "full", "rows", "rank3"):
+        shape = {"padding": (batch, 1, 1, n), "full": (batch, h, n, n), "rows": (batch, 1, n, 1), "rank3": (h, n, n)}[bias]
         bias_arr = rng.standard_normal(shape).astype(dtype)
         if bias == "padding":
             bias_arr[:] = 0
             bias_arr[1:, ..., -n_pad:] = pad_value  # later batch rows have n_pad padded keys
-        sym = [dim0 if s == batch else s for s in shape]
+        sym = list(shape) if bias == "rank3" else [dim0, *shape[1:]]
         bias_value = ir.Value(name="bias", shape=ir.Shape(sym), type=ir_type)
         graph.inputs.append(bias_value)
         arrays["bias"] = bias_arr
@@ -130,6 +134,14 @@ def test_neighborhood_tables_have_no_dense_mask_and_modest_overhead():
         S.rules_neighborhood((7, 7), 4, 2)
 
 
+def test_tile_statistics_used_by_the_cost_model_match_the_tables():
+    for length, k, d, stride in [(20, 5, 2, 1), (33, 6, 1, 3), (17, 4, 1, 1), (9, 9, 1, 1)]:
+        mask = R.neighborhood_axis_mask(length, k, d, stride)
+        for tile in range(1, 12):
+            tiles = S._neighborhood_tiles(length, d, tile)
+            assert S.axis_stats(mask, tiles) == S.axis_table(S.AxisRule(mask, tiles)).stats, (length, k, d, stride, tile)
+
+
 # --- MaxViT grid, HaloNet ------------------------------------------------------------------------
 
 
@@ -164,7 +176,7 @@ def test_halo_zero_keys_take_no_bias(bias):
 # --- bias, prefix modes, batch, dtype ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bias", [None, "const", "padding", "full", "rows"])
+@pytest.mark.parametrize("bias", [None, "const", "const2d", "padding", "full", "rows", "rank3"])
 @pytest.mark.parametrize("prefix_mode", ["global", "local"])
 @pytest.mark.parametrize("variant", ["window", "neighborhood", "grid"])
 def test_bias_and_prefix_modes(bias, prefix_mode, variant):
