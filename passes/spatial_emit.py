@@ -154,19 +154,22 @@ def emit_tiled(
     global_prefix = prefix > 0 and prefix_mode == "global"
     sentinel = tables.zero_keys is not None
 
-    # key slots: [prefix keys] + region keys + [sentinel zero key]; additive mask over the same slots
-    key_cols = [tables.key_index + prefix]
-    mask_cols = [np.zeros(tables.key_index.shape[:1] + (tq, tables.key_index.shape[1])) if tables.allowed is None
-                 else np.where(tables.allowed, 0.0, masked_value(dtype))]
-    if global_prefix:
-        key_cols.insert(0, np.broadcast_to(np.arange(prefix), (n_tiles, prefix)))
-        mask_cols.insert(0, np.zeros((n_tiles, tq, prefix)))
+    # key slots: [prefix keys] + region keys + [sentinel zero key]; the additive mask covers the same
+    # slots (prefix: 0; region: 0 or masked; sentinel: log(zero keys), so exp(0 + log c) = c zero keys)
+    n_prefix_keys = prefix if global_prefix else 0
+    key_cols = [np.broadcast_to(np.arange(n_prefix_keys), (n_tiles, n_prefix_keys)), tables.key_index + prefix]
+    additive = None
+    if tables.allowed is not None or sentinel:
+        region = 0.0 if tables.allowed is None else np.where(tables.allowed, 0.0, masked_value(dtype))
+        mask_cols = [np.zeros((n_tiles, tq, n_prefix_keys)),
+                     np.broadcast_to(region, (n_tiles, tq, tables.key_index.shape[1]))]
+        if sentinel:
+            counts = tables.zero_keys[:, :, None]
+            mask_cols.append(np.where(counts > 0, np.log(np.maximum(counts, 1)), masked_value(dtype)))
+        additive = np.concatenate(mask_cols, axis=2)
     if sentinel:
         key_cols.append(np.full((n_tiles, 1), n_total))
-        counts = tables.zero_keys[:, :, None]
-        mask_cols.append(np.where(counts > 0, np.log(np.maximum(counts, 1)), masked_value(dtype)))
     key_table = np.concatenate(key_cols, axis=1).astype(np.int64)
-    additive = np.concatenate(mask_cols, axis=2) if tables.allowed is not None or sentinel else None
 
     scale_c = _const(t, np.array(scale, dtype))
     keys, values = k, v
