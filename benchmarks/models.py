@@ -25,6 +25,7 @@ import re
 import resource
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import onnx
@@ -141,7 +142,8 @@ def build_vit(out_path: str | os.PathLike, *, depth: int, dim: int, heads: int, 
 
 def _export(config: dict, path: Path, dynamo: bool, opset: int) -> None:
     torch.manual_seed(config["seed"])
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still common
         model = VisionTransformer(depth=config["depth"], dim=config["dim"], heads=config["heads"], img=config["img"],
                                   patch=config["patch"], mlp_ratio=config["mlp_ratio"]).eval()
         example = (torch.randn(1, 3, config["img"], config["img"]),)

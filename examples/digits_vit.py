@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +116,11 @@ def export_onnx(model: nn.Module, path: str | Path, example: np.ndarray) -> Path
     """TorchScript exporter, opset 17, dynamic batch, `pixel_values` → `logits`."""
     path = Path(path)
     model.eval()
-    torch.onnx.export(model, (torch.tensor(example),), str(path), dynamo=False, opset_version=17,
-                      input_names=["pixel_values"], output_names=["logits"],
-                      dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; it is still what most users run
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.tensor(example),), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
     return path
 
 
