@@ -200,14 +200,18 @@ def attnrewrite_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "attnrewrite"]
 
 
-def cli_available() -> str | None:
-    """None if every subcommand the flow uses answers `--help`, else a one-line reason."""
-    for sub in ("inspect", "audit", "bench"):
-        proc = subprocess.run([*attnrewrite_command(), sub, "--help"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr or proc.stdout).strip().splitlines()
-            return f"`attnrewrite {sub}` is not available ({last[-1] if last else f'exit {proc.returncode}'})"
-    return None
+def cli_available(needed: tuple[str, ...] = ("inspect", "audit", "bench")) -> str | None:
+    """None if `attnrewrite --help` lists every subcommand the flow uses, else a one-line reason.
+
+    (Asking `attnrewrite inspect --help` would not do: an unknown first word is taken as a model path.)
+    """
+    proc = subprocess.run([*attnrewrite_command(), "--help"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"`attnrewrite --help` failed ({last[-1] if last else f'exit {proc.returncode}'})"
+    listed = proc.stdout.split("Commands:", 1)[-1].split()
+    missing = [sub for sub in needed if sub not in listed]
+    return f"the CLI has no {', '.join(missing)} subcommand yet" if missing else None
 
 
 def _run(*args: str, show: bool = False) -> subprocess.CompletedProcess:
@@ -259,9 +263,10 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"\n{'pass':26} {'top-1 before':>12} {'top-1 after':>11} {'logit cos':>9} {'agree':>6} {'speed-up':>8}  audit")
+    w = max([len("pass")] + [len(r["pass"]) for r in rows])
+    print(f"\n{'pass':{w}} {'top-1 before':>12} {'top-1 after':>11} {'logit cos':>9} {'agree':>6} {'speed-up':>8}  audit")
     for r in rows:
-        print(f"{r['pass']:26} {r['top1_before']:12.4f} {r['top1_after']:11.4f} {_fmt(r['cosine'], '9.4f')} "
+        print(f"{r['pass']:{w}} {r['top1_before']:12.4f} {r['top1_after']:11.4f} {_fmt(r['cosine'], '9.4f')} "
               f"{_fmt(r['agreement'], '6.3f')} {_fmt(r['speedup'], '7.2f')}x  {r['audit'] or '-'}")
 
 
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = run_flow(result["paths"], args.passes, out)
     print_rows(rows)
-    (out / "flow.json").write_text(json.dumps(rows, indent=2))
+    train = {"epochs": args.epochs, "seconds": result["train_seconds"], "top1": result["accuracy"], "threads": args.threads}
+    (out / "flow.json").write_text(json.dumps({"train": train, "passes": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -143,3 +143,14 @@ def test_preset_reuses_only_a_matching_build(tmp_path):
     assert (tmp_path / "vit_s16_224.onnx.data").exists(), "a missing data file was not rebuilt"
     with pytest.raises(ValueError, match="unknown preset"):
         bm.preset("vit_xxl", tmp_path)
+
+
+def test_digits_flow_through_the_cli_with_an_exact_pass(digits, tmp_path, capsys):
+    dv, result = digits
+    assert dv.cli_available() is None, dv.cli_available()
+    assert "frobnicate" in dv.cli_available(("inspect", "frobnicate"))
+    (row,) = dv.run_flow(result["paths"], ["sdpa"], tmp_path, bench_batch=4)
+    assert row["top1_after"] == row["top1_before"], row
+    assert row["cosine"] > 0.99999 and row["agreement"] == 1.0 and row["audit"] == "ok", row
+    assert row["speedup"] is not None and row["speedup"] > 0, row
+    assert "attn_3" in capsys.readouterr().out, "inspect did not list the four sites"
