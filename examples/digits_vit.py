@@ -259,7 +259,7 @@ def run_flow(paths: dict, passes: list[str], out: Path, bench_batch: int = 64) -
 
 
 def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    return format("-", ">" + spec.split(".")[0]) if x is None else format(x, spec)
 
 
 def print_rows(rows: list[dict]) -> None:
