@@ -258,16 +258,17 @@ def run_flow(paths: dict, passes: list[str], out: Path, bench_batch: int = 64) -
     return rows
 
 
-def _fmt(x, spec: str) -> str:
-    return format("-", ">" + spec.split(".")[0]) if x is None else format(x, spec)
+def _fmt(x, spec: str, width: int) -> str:
+    return f"{'-' if x is None else format(x, spec):>{width}}"
 
 
 def print_rows(rows: list[dict]) -> None:
     w = max([len("pass")] + [len(r["pass"]) for r in rows])
     print(f"\n{'pass':{w}} {'top-1 before':>12} {'top-1 after':>11} {'logit cos':>9} {'agree':>6} {'speed-up':>8}  audit")
     for r in rows:
-        print(f"{r['pass']:{w}} {r['top1_before']:12.4f} {r['top1_after']:11.4f} {_fmt(r['cosine'], '9.4f')} "
-              f"{_fmt(r['agreement'], '6.3f')} {_fmt(r['speedup'], '7.2f')}x  {r['audit'] or '-'}")
+        speedup = None if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        print(f"{r['pass']:{w}} {r['top1_before']:12.4f} {r['top1_after']:11.4f} {_fmt(r['cosine'], '.4f', 9)} "
+              f"{_fmt(r['agreement'], '.3f', 6)} {_fmt(speedup, 's', 8)}  {r['audit'] or '-'}")
 
 
 def main(argv: list[str] | None = None) -> None:
