@@ -38,6 +38,9 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
         return "cross-attention has no shared token grid", None, 0
     if site.q_len is None:
         return "dynamic token count; the grid cannot be resolved statically", None, 0
+    for name, value in (("Q", site.q), ("V", site.v)):
+        if value.shape is None or len(value.shape) != 4 or not isinstance(value.shape[3], int):
+            return f"the head dimension of {name} is not static, so tiles cannot be laid out", None, 0
     if site.window is not None:
         return None, site.window, 0
     if site.grid is not None and site.prefix_tokens is not None:

@@ -52,7 +52,10 @@ def infer_static_dims(model: ir.Model) -> int:
     ONNX shape inference gives up on `Reshape(x, Concat(Shape(x)[0], 17, 4, 8))` when the batch is
     symbolic. Running it (with data propagation) twice with two different concrete sizes for every
     dynamic input dim shows which dims follow the inputs (they differ) and which are static (they
-    agree), so `[batch, 4, 17, 8]` is known even for a dynamic-batch export.
+    agree), so `[batch, 4, 17, 8]` is known even for a dynamic-batch export. Data propagation stops
+    at ops such as `Where`/`Equal` (TorchScript's `expand(x.shape[0], -1, -1)`); when that leaves a
+    softmax's logits unresolved, the concrete copies are constant-folded instead, which evaluates
+    every shape chain but costs a pass over the graph.
     """
     proto = ir.serde.serialize_model(model)
     dynamic = [
@@ -61,18 +64,61 @@ def infer_static_dims(model: ir.Model) -> int:
     ]
     if not dynamic:
         return 0
-    runs = []
-    for size in (2, 3):
-        for inp, i in dynamic:
-            inp.type.tensor_type.shape.dim[i].dim_value = size
-        try:
-            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-        except Exception:  # noqa: BLE001 - inference is best effort
-            return 0
-        runs.append({
-            vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")
-        })
+    improved = _merge_runs(model, [_propagated_shapes(proto, dynamic, size) for size in (2, 3)])
+    if _softmax_logits_unresolved(model):
+        improved += _merge_runs(model, [_folded_shapes(proto, dynamic, size) for size in (2, 3)])
+    return improved
+
+
+def _with_sizes(proto: onnx.ModelProto, dynamic: list, size: int) -> onnx.ModelProto:
+    for inp, i in dynamic:
+        inp.type.tensor_type.shape.dim[i].dim_value = size
+    return proto
+
+
+def _propagated_shapes(proto: onnx.ModelProto, dynamic: list, size: int) -> dict[str, list] | None:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_with_sizes(proto, dynamic, size), data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort
+        return None
+    return {
+        vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")
+    }
+
+
+def _folded_shapes(proto: onnx.ModelProto, dynamic: list, size: int) -> dict[str, list] | None:
+    """Shapes of a copy with concrete input sizes after constant folding (weights are never loaded)."""
+    fold = _constant_folding.FoldConstantsPass(
+        shape_inference=True, input_size_limit=MAX_FOLDED_ELEMENTS, output_size_limit=MAX_FOLDED_ELEMENTS
+    )
+    try:
+        copy = ir.serde.deserialize_model(_with_sizes(proto, dynamic, size))
+        for _ in range(4):  # onnxscript leaves ConstantOfShape unfolded; our evaluator takes it from there
+            fold(copy)
+            if not fold_shape_chains(copy.graph):
+                break
+    except Exception:  # noqa: BLE001 - inference is best effort
+        return None
+    return {
+        v.name: [d if isinstance(d, int) else None for d in v.shape]
+        for node in copy.graph for v in node.outputs if v.name and v.shape is not None
+    }
+
+
+def _softmax_logits_unresolved(model: ir.Model) -> bool:
+    for node in model.graph:
+        if node.op_type == "Softmax" and node.domain == "":
+            dims = static_dims(node.inputs[0])
+            if dims is None or len(dims) < 2 or None in dims[-2:]:
+                return True
+    return False
+
+
+def _merge_runs(model: ir.Model, runs: list[dict[str, list] | None]) -> int:
+    """Set every dim that both concrete runs agree on; dims that follow the inputs stay symbolic."""
+    if any(r is None for r in runs):
+        return 0
     improved = 0
     for node in model.graph:
         for value in node.outputs:
@@ -82,9 +128,9 @@ def infer_static_dims(model: ir.Model) -> int:
             old = list(value.shape) if value.shape is not None else [None] * len(a)
             if len(old) != len(a):
                 continue
-            new = [x if (x is not None and x == y) else (o if not isinstance(o, int) else o) for x, y, o in zip(a, b, old)]
-            if any(isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old)) or value.shape is None:
-                value.shape = ir.Shape([n if n is not None else None for n in new])
+            new = [x if (x is not None and x == y) else o for x, y, o in zip(a, b, old)]
+            if value.shape is None or any(isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old)):
+                value.shape = ir.Shape(new)
                 improved += 1
     return improved
 
@@ -253,6 +299,24 @@ def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None
             return None
         target = [a.shape[i] if d == 0 else int(d) for i, d in enumerate(shape)]
         return a.reshape(target)
+    if op in ("Equal", "Less", "Greater", "And", "Or"):
+        b = args[1]
+        if b is None:
+            return None
+        fn = {"Equal": np.equal, "Less": np.less, "Greater": np.greater,
+              "And": np.logical_and, "Or": np.logical_or}[op]
+        return np.asarray(fn(a, b))
+    if op == "Not":
+        return np.logical_not(a)
+    if op == "Where":
+        if args[1] is None or args[2] is None:
+            return None
+        return np.where(a, args[1], args[2])
+    if op == "Expand":
+        if args[1] is None:
+            return None
+        shape = np.broadcast_shapes(a.shape, tuple(int(d) for d in args[1]))
+        return np.broadcast_to(a, shape).copy() if np.prod(shape) <= MAX_FOLDED_ELEMENTS else None
     if op == "ConstantOfShape":
         fill = _attr(node, "value")
         fill_arr = fill.numpy() if fill is not None else np.zeros(1, np.float32)
@@ -263,7 +327,7 @@ def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None
 _FOLDABLE = {
     "Shape", "Gather", "Identity", "Cast", "Sqrt", "Reciprocal", "Neg", "Floor", "Ceil", "Abs",
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Slice", "Unsqueeze", "Squeeze", "Concat",
-    "Reshape", "ConstantOfShape",
+    "Reshape", "ConstantOfShape", "Equal", "Less", "Greater", "And", "Or", "Not", "Where", "Expand",
 }
 
 

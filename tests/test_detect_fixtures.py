@@ -165,3 +165,39 @@ def test_learned_query_pooling_is_not_windowed(capsys, exported, exporter, tmp_p
     assert len(p["rewritten"]) == len(exp.meta.sites) - len(cross)
     for i in cross:
         assert status[f"attn_{i}"][0] == "skipped" and "cross-attention" in status[f"attn_{i}"][1]
+
+
+class _DynamicHeadDimViT(torch.nn.Module):
+    """What a timm-style ViT looks like through TorchScript with a dynamic batch: `c // heads` and
+    `cls.expand(x.shape[0], -1, -1)` become Shape → Div and Shape → Equal → Where → Expand chains."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.patch = torch.nn.Conv2d(3, dim, 4, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.qkv, self.proj, self.head = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.head(self.proj((a @ v).transpose(1, 2).reshape(b, n, c))[:, 0])
+
+
+def test_dynamic_batch_torchscript_shape_chains_resolve(capsys, tmp_path):
+    import warnings
+
+    path = tmp_path / "dyn.onnx"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_DynamicHeadDimViT().eval(), (torch.randn(1, 3, 24, 32),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    site = analyze(path).to_json()["sites"][0]
+    assert (site["head_dim"], site["q_len"], site["grid"], site["prefix_tokens"]) == (8, 49, [6, 8], 1)
+    p, _ = _rewrite(capsys, path, tmp_path, "neighborhood:kernel=3")
+    assert p["rewritten"] == ["attn_0"]

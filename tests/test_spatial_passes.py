@@ -98,3 +98,16 @@ def test_passes_chain_sdpa_then_window(capsys, vit, tmp_path):
     assert [p["pass"] for p in doc["passes"]] == ["sdpa", "window"]
     assert all(p["metrics_vs_original"]["logits"]["max_abs"] <= 1e-5 for p in doc["passes"])
     assert out.name == "o.onnx"
+
+
+def test_symbolic_head_dim_is_declined_not_crashed(vit):
+    import onnx_ir as ir
+
+    from attnrewrite.analysis import analyze
+    from attnrewrite.passes.spatial_common import spatial_frame
+
+    site = analyze(vit).sites[0]
+    assert spatial_frame(site, {}, allow_1d=False)[0] is None
+    site.v.shape = ir.Shape([*list(site.v.shape)[:3], "dv"])
+    reason, _, _ = spatial_frame(site, {}, allow_1d=False)
+    assert reason and "head dimension of V" in reason
