@@ -35,8 +35,10 @@ class NeighborhoodPass:
             return "already windowed; neighborhood attention applies to global sites"
         k, d = options["kernel"], options["dilation"]
         if grid is None:
-            if d != (1, 1):
-                return "dilation is not supported on 1-D sequences"
+            if d[0] != d[1] or k[0] != k[1]:
+                return "a 1-D sequence takes one kernel and one dilation (kernel=K,dilation=D)"
+            if k[1] * d[1] > site.q_len:
+                return f"kernel x dilation {k[1]}x{d[1]} is longer than the {site.q_len}-token sequence"
             return None
         span = (k[0] * d[0], k[1] * d[1])
         return fits(grid, span, "kernel x dilation")
@@ -48,7 +50,7 @@ class NeighborhoodPass:
         _, grid, prefix = spatial_frame(site, options, allow_1d=True)
         if grid is None:
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                                     window=max(options["kernel"]), mode="centered")
+                                     window=options["kernel"][1], mode="centered", dilation=options["dilation"][1])
         return E.emit_neighborhood(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
                                    prefix=prefix, kernel=options["kernel"], dilation=options["dilation"],
                                    prefix_mode=options["prefix"])

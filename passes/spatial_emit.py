@@ -252,19 +252,20 @@ def emit_halo(t, q, k, v, *, scale, bias, grid, prefix, block, halo, border="mas
 
 
 def emit_sliding_1d(t, q, k, v, *, scale, bias, window: int, mode: str = "centered", prefix: int = 0,
-                    prefix_mode: str = "global", tile: int | None = None) -> ir.Value:
+                    prefix_mode: str = "global", tile: int | None = None, dilation: int = 1) -> ir.Value:
     """Text: every token after the P prefix tokens sees `window` keys in total (`centered`, NATTEN
-    1-D, clamped at the ends) or its block of `window` tokens (`block`); a key-padding bias
-    [B,1,1,T] is honoured. A window longer than the sequence is full attention."""
+    1-D, clamped at the ends, every `dilation`-th token for DiNA) or its block of `window` tokens
+    (`block`); a key-padding bias [B,1,1,T] is honoured. A window longer than the sequence is full
+    attention."""
     length = _static(q, 2) - prefix
-    if window < 1:
-        raise ValueError(f"{window=} must be >= 1")
-    window = min(window, length)
+    if window < 1 or dilation < 1:
+        raise ValueError(f"{window=} and {dilation=} must be >= 1")
+    window = min(window, length // dilation)
     if mode == "centered":
-        rule = S.neighborhood_axis(length, window, 1, tile)
-    elif mode == "block":
+        rule = S.neighborhood_axis(length, window, dilation, tile)
+    elif mode == "block" and dilation == 1:
         rule = window_axis(length, window)
     else:
-        raise ValueError(f"{mode=} must be centered or block")
+        raise ValueError(f"{mode=} must be centered, or block without dilation")
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=(1, length), prefix=prefix,
                       rule_y=window_axis(1, 1), rule_x=rule, prefix_mode=prefix_mode)

@@ -110,14 +110,15 @@ def halo_axis_mask(length: int, block: int, halo: int) -> tuple[np.ndarray, np.n
     return mask, (block + 2 * halo) - mask.sum(1)
 
 
-def sliding_axis_mask(length: int, window: int, mode: str = "centered") -> np.ndarray:
-    """1-D text: `centered` = NATTEN 1-D with `window` keys in total; `block` = disjoint blocks."""
-    if window < 1:
-        raise ValueError(f"{window=} must be >= 1")
-    window = min(window, length)
+def sliding_axis_mask(length: int, window: int, mode: str = "centered", dilation: int = 1) -> np.ndarray:
+    """1-D text: `centered` = NATTEN 1-D with `window` keys in total (DiNA with `dilation`);
+    `block` = disjoint blocks."""
+    if window < 1 or dilation < 1:
+        raise ValueError(f"{window=} and {dilation=} must be >= 1")
+    window = min(window, length // dilation)
     if mode == "centered":
-        return neighborhood_axis_mask(length, window)
-    if mode == "block":
+        return neighborhood_axis_mask(length, window, dilation)
+    if mode == "block" and dilation == 1:
         return window_axis_mask(length, window)
     raise ValueError(f"{mode=} must be centered or block")
 
@@ -181,10 +182,10 @@ def halo_zero_keys(grid, prefix: int, block, halo) -> np.ndarray:
 
 
 def allowed_sliding_1d(length: int, window: int, prefix: int = 0, mode: str = "centered",
-                       prefix_mode: str = "global") -> np.ndarray:
+                       prefix_mode: str = "global", dilation: int = 1) -> np.ndarray:
     """`length` = all tokens (prefix included); the sliding rule applies to the last length − P."""
     return combine((1, length - prefix), prefix, np.ones((1, 1), bool),
-                   sliding_axis_mask(length - prefix, window, mode), prefix_mode)
+                   sliding_axis_mask(length - prefix, window, mode, dilation), prefix_mode)
 
 
 # --- attention ------------------------------------------------------------------------------------

@@ -246,6 +246,17 @@ def test_sliding_1d_honours_padding(mode, length, window, prefix):
     _check(got, arrays, bias, R.allowed_sliding_1d(length, window, prefix, mode))
 
 
+@pytest.mark.parametrize("length,window,dilation", [(13, 3, 2), (16, 5, 3), (9, 4, 2)])
+def test_sliding_1d_dilated_matches_dina(length, window, dilation):
+    emit = lambda t, q, k, v, b: E.emit_sliding_1d(t, q, k, v, scale=SCALE, bias=b, window=window, dilation=dilation)
+    got, arrays, bias = _run(emit, length, bias="padding", dynamic_batch=True, batch=2)
+    allowed = R.allowed_sliding_1d(length, window, dilation=dilation)
+    assert (allowed.sum(-1) == window).all()  # exactly `window` keys, all in the query's residue class
+    i = np.arange(length)
+    assert not (allowed & (i[:, None] % dilation != i[None, :] % dilation)).any()
+    _check(got, arrays, bias, allowed)
+
+
 # --- anchors: configurations that are full attention ------------------------------------------------
 
 

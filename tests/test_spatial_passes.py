@@ -88,6 +88,12 @@ def test_text_sliding_window_uses_token_axis(capsys, tmp_path):
     assert p["rewritten"] == ["attn_0"] and p["metrics_vs_original"]["y"]["max_abs"] <= 1e-5
     rc, stdout, err = run(capsys, path, "--pass", "window:size=4", "--calib", calib, "-o", tmp_path / "o2.onnx", "--json")
     assert rc == 0 and json.loads(stdout)["passes"][0]["metrics_vs_original"]["y"]["max_abs"] > 1e-3
+    rc, stdout, err = run(capsys, path, "--pass", "neighborhood:kernel=3,dilation=2", "--calib", calib,
+                          "-o", tmp_path / "o3.onnx", "--json")
+    assert rc == 0 and json.loads(stdout)["passes"][0]["rewritten"] == ["attn_0"]
+    rc, stdout, err = run(capsys, path, "--pass", "neighborhood:kernel=3,dilation=4", "--calib", calib,
+                          "-o", tmp_path / "o4.onnx", "--json")
+    assert rc == 0 and "longer than the 10-token" in json.loads(stdout)["passes"][0]["sites"][0]["reason"]
 
 
 def test_passes_chain_sdpa_then_window(capsys, vit, tmp_path):
