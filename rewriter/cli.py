@@ -132,6 +132,18 @@ def _budgets(texts) -> list:
     return [M.parse_budget(t) for t in texts]
 
 
+def _check_budget_outputs(budgets, outputs: list[str]) -> None:
+    from attnrewrite import metrics as M
+
+    M.check_output_names(budgets, outputs)
+
+
+def _output_names(path: str) -> list[str]:
+    from attnrewrite.modelio import load_model
+
+    return [v.name for v in load_model(path).graph.outputs]
+
+
 def _budget_summary(budgets, failures: list[str]) -> list[dict]:
     out = []
     for b in budgets:
@@ -154,7 +166,8 @@ def default_output(model: str, specs) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Output path (default MODEL.<passes>.onnx).")
 @_calibration_options
 @click.option("--sites", "selectors", multiple=True, help="Sites to rewrite: ids, ranges (1-10) or predicates (q_len>=1024).")
-@click.option("--budget", "budget_texts", multiple=True, help="Accuracy budget, e.g. 'cosine>=0.999' (exit 1 if not met).")
+@click.option("--budget", "budget_texts", multiple=True,
+              help="Accuracy budget, e.g. 'cosine>=0.999' or 'OUTPUT:cosine>=0.99' for one output (exit 1 if not met).")
 @click.option("--fallback", is_flag=True, help="Keep the original attention at the worst sites until the budget holds.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -180,6 +193,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     if os.path.exists(out) and not force:
         raise InputError(f"{out} already exists; pass --force to overwrite it.")
     ir_model = load_model(model)
+    _check_budget_outputs(budgets, [v.name for v in ir_model.graph.outputs])
     io_signature = _io_signature(ir_model)
     calibration = _load_calibration(model, calib, shapes, samples, seed)
     progress = progress_for(as_json)
@@ -265,7 +279,7 @@ def _num(x) -> str:
 @click.argument("after", type=click.Path(dir_okay=False, path_type=str))
 @_calibration_options
 @click.option("--budget", "budget_texts", multiple=True,
-              help="Accuracy budget (repeatable); default 'cosine>=0.999'.")
+              help="Accuracy budget (repeatable), e.g. 'OUTPUT:top1>=0.99'; default 'cosine>=0.999'.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_dir, as_json):
@@ -277,6 +291,7 @@ def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_
 
     budgets = _budgets(budget_texts or ("cosine>=0.999",))
     calibration = _load_calibration(before, calib, shapes, samples, seed)
+    _check_budget_outputs(budgets, _output_names(before))
     document = audit(before, after, calibration, budgets, progress_for(as_json))
     if report_dir:
         write_report(report_dir, document)

@@ -189,9 +189,12 @@ class Budget:
     metric: str
     op: str
     threshold: float
+    #: the one output the budget applies to; None = every output that reports the metric
+    output: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+        scope = f"{self.output}:" if self.output else ""
+        return f"{scope}{self.metric}{self.op}{self.threshold:.15g}"  # never rounds 0.9999999 to 1
 
     def holds(self, value: float) -> bool:
         return not math.isnan(value) and bool(_OPS[self.op](value, self.threshold))
@@ -215,11 +218,20 @@ class BudgetFailure:
 
 
 def parse_budget(text: str) -> Budget:
-    """`"cosine>=0.999"`, `"rel_l2<0.01"`; `"metric=X"` (or `metric:X`) uses the metric's natural direction."""
-    m = re.fullmatch(r"\s*([A-Za-z_0-9]+)\s*(>=|<=|>|<|==|=|:)\s*(\S+?)\s*", text or "")
+    """`"cosine>=0.999"`, `"rel_l2<0.01"`; `"metric=X"` (or `metric:X`) uses the metric's natural direction.
+
+    `"OUTPUT:cosine>=0.99"` scopes the budget to one output: a text encoder's pooled embedding is what
+    users compare, while its per-token states at padded positions may move without consequence.
+    """
+    m = re.fullmatch(r"\s*(?:(.+):)?([A-Za-z_0-9]+)\s*(>=|<=|>|<|==|=|:)\s*(\S+?)\s*", text or "")
+    if m and m.group(1) and m.group(2).lower() not in METRICS:  # `cosine:0.99`, not an output scope
+        m = None
     if not m:
-        raise InputError(f"cannot read budget {text!r}; write METRIC>=X or METRIC<=X with METRIC one of {', '.join(METRICS)}.")
-    metric, op, raw = m.group(1).lower(), m.group(2), m.group(3)
+        m = re.fullmatch(r"\s*()([A-Za-z_0-9]+)\s*(>=|<=|>|<|==|=|:)\s*(\S+?)\s*", text or "")
+    if not m:
+        raise InputError(f"cannot read budget {text!r}; write [OUTPUT:]METRIC>=X or METRIC<=X with METRIC one of "
+                         f"{', '.join(METRICS)}.")
+    output, metric, op, raw = m.group(1) or None, m.group(2).lower(), m.group(3), m.group(4)
     if metric not in METRICS:
         raise InputError(f"unknown budget metric {metric!r}; valid metrics: {', '.join(METRICS)}.")
     if op in ("=", "==", ":"):
@@ -230,7 +242,15 @@ def parse_budget(text: str) -> Budget:
         raise InputError(f"budget {text!r}: {raw!r} is not a number.") from None
     if math.isnan(value):
         raise InputError(f"budget {text!r} has a NaN threshold, which no value can meet.")
-    return Budget(metric, op, value)
+    return Budget(metric, op, value, output)
+
+
+def check_output_names(budgets: Sequence[Budget], outputs: Sequence[str]) -> None:
+    """A budget scoped to an output the model does not have is a usage error, not a silent pass."""
+    for budget in budgets:
+        if budget.output is not None and budget.output not in outputs:
+            raise InputError(f"budget {budget} names output {budget.output!r}, but the model's outputs are "
+                             f"{', '.join(map(repr, outputs))}.")
 
 
 def check_budgets(budgets: Sequence[Budget], metrics_per_output: Mapping[str, Mapping[str, float]]) -> list[BudgetFailure]:
@@ -242,10 +262,12 @@ def check_budgets(budgets: Sequence[Budget], metrics_per_output: Mapping[str, Ma
     """
     failures = []
     for budget in budgets:
-        rows = [(name, float(m[budget.metric])) for name, m in metrics_per_output.items() if budget.metric in m]
+        rows = [(name, float(m[budget.metric])) for name, m in metrics_per_output.items()
+                if budget.metric in m and budget.output in (None, name)]
         if not rows:
             why = " (top1 needs a float output of rank >= 2 with 2..100000 classes on the last axis)" if budget.metric == "top1" else ""
-            failures.append(BudgetFailure(budget, None, None, f"{budget}: no output has metric {budget.metric}{why}"))
+            which = f"output {budget.output!r} does not have" if budget.output else "no output has"
+            failures.append(BudgetFailure(budget, None, None, f"{budget}: {which} metric {budget.metric}{why}"))
             continue
         name, value = rows[0]
         for n, v in rows[1:]:

@@ -115,6 +115,18 @@ def test_budget_exceeded_exit_1_still_writes(capsys, vit, calib, tmp_path):
     assert doc["budgets"][0]["passed"] is False
 
 
+def test_budget_scoped_to_an_output(capsys, vit, calib, tmp_path):
+    out_path = tmp_path / "lin.onnx"
+    rc, out, err = run(capsys, vit, "--pass", "linear", "--calib", calib, "-o", out_path,
+                       "--budget", "logits:cosine>=0.9999999", "--json")
+    assert rc == 1 and json.loads(out)["budgets"][0]["budget"] == "logits:cosine>=0.9999999"
+    rc, out, err = run(capsys, vit, "--pass", "linear", "--calib", calib, "-o", out_path, "--force",
+                       "--budget", "probs:cosine>=0.9")
+    assert rc == 2 and "outputs are 'logits'" in err and "Traceback" not in err
+    rc, out, err = run(capsys, "audit", vit, out_path, "--calib", calib, "--budget", "probs:cosine>=0.9")
+    assert rc == 2 and "outputs are 'logits'" in err
+
+
 def test_fallback_keeps_worst_sites(capsys, vit, calib, tmp_path):
     out_path = tmp_path / "lin.onnx"
     rc, out, err = run(capsys, vit, "--pass", "linear", "--calib", calib, "-o", out_path,

@@ -193,3 +193,26 @@ def test_nan_never_passes_and_is_the_worst():
     metrics = {"a": {"cosine": 0.5}, "b": {"cosine": math.nan}}
     (fail,) = M.check_budgets([M.parse_budget("cosine>=-1")], metrics)
     assert fail.output == "b"
+
+
+@pytest.mark.parametrize("text, output", [
+    ("logits:cosine>=0.999", "logits"), ("encoder/out:0:top1=0.9", "encoder/out:0"), ("cosine:0.9", None),
+])
+def test_budget_scoped_to_one_output(text, output):
+    b = M.parse_budget(text)
+    assert b.output == output
+    assert M.parse_budget(str(b)) == b
+
+
+def test_scoped_budget_ignores_other_outputs():
+    assert M.check_budgets([M.parse_budget("logits:cosine>=0.999")], METRICS) == []
+    (fail,) = M.check_budgets([M.parse_budget("hidden:cosine>=0.999")], METRICS)
+    assert fail.output == "hidden" and str(fail).startswith("hidden:cosine>=0.999")
+    (fail,) = M.check_budgets([M.parse_budget("hidden:top1>=0.5")], METRICS)
+    assert "output 'hidden' does not have metric top1" in str(fail)
+
+
+def test_scope_must_name_a_model_output():
+    M.check_output_names([M.parse_budget("logits:cosine>=0.9")], ["logits"])
+    with pytest.raises(InputError, match="outputs are 'logits'"):
+        M.check_output_names([M.parse_budget("logitz:cosine>=0.9")], ["logits"])
