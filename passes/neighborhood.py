@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.spatial_common import KEEP_GLOBAL, PREFIX, fits, spatial_frame
+from attnrewrite.passes.spatial_common import GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, sequence_prefix, fits, spatial_frame
 from attnrewrite.registry import Param, register, size2d
 from attnrewrite.site import AttentionSite
 
@@ -24,6 +24,7 @@ class NeighborhoodPass:
         Param("kernel", size2d, (7, 7), "kernel K or KhxKw (tokens along the sequence for 1-D)"),
         Param("dilation", size2d, (1, 1), "dilation D or DhxDw"),
         PREFIX,
+        GLOBAL_TOKENS,
         KEEP_GLOBAL,
     )
 
@@ -37,8 +38,11 @@ class NeighborhoodPass:
         if grid is None:
             if d[0] != d[1] or k[0] != k[1]:
                 return "a 1-D sequence takes one kernel and one dilation (kernel=K,dilation=D)"
-            if k[1] * d[1] > site.q_len:
-                return f"kernel x dilation {k[1]}x{d[1]} is longer than the {site.q_len}-token sequence"
+            reason, prefix = sequence_prefix(site, options)
+            if reason:
+                return reason
+            if k[1] * d[1] > site.q_len - prefix:
+                return f"kernel x dilation {k[1]}x{d[1]} is longer than the {site.q_len - prefix} local tokens"
             return None
         span = (k[0] * d[0], k[1] * d[1])
         return fits(grid, span, "kernel x dilation")
@@ -49,8 +53,10 @@ class NeighborhoodPass:
         t = ir_tape.Tape(graph)
         _, grid, prefix = spatial_frame(site, options, allow_1d=True)
         if grid is None:
+            _, prefix = sequence_prefix(site, options)
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                                     window=options["kernel"][1], mode="centered", dilation=options["dilation"][1])
+                                     window=options["kernel"][1], mode="centered", dilation=options["dilation"][1],
+                                     prefix=prefix, prefix_mode=options["prefix"])
         return E.emit_neighborhood(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
                                    prefix=prefix, kernel=options["kernel"], dilation=options["dilation"],
                                    prefix_mode=options["prefix"])

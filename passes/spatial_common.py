@@ -4,13 +4,17 @@ Spatial passes need a token grid (traced back to the patch embedding) and self-a
 tokens (CLS, distillation, registers) stay global by default: they attend to everything and every
 grid token attends to them (`prefix=global`); `prefix=local` keeps them only with each other.
 Already-windowed sites (Swin) can only be narrowed: the pass then acts inside each existing window.
+Text has no patch embedding to trace prefix tokens from, so on 1-D sequences `global_tokens=N`
+(default 1) names them: BERT-style encoders park much of their attention on [CLS] (an attention sink,
+Clark et al. 2019; Longformer keeps it global for the same reason), and cutting it off costs far more
+than the window itself.
 """
 
 from __future__ import annotations
 
 import re
 
-from attnrewrite.registry import Param
+from attnrewrite.registry import Param, non_negative_int
 from attnrewrite.site import AttentionSite
 
 
@@ -26,6 +30,9 @@ def keep_global(text: str) -> int:
 
 PREFIX = Param("prefix", str, "global", "global: prefix tokens see and are seen by all; local: only each other",
                choices=("global", "local"))
+GLOBAL_TOKENS = Param(
+    "global_tokens", non_negative_int, 1,
+    "1-D sequences: the first N tokens (CLS, attention sinks) stay global, like grid prefix tokens")
 KEEP_GLOBAL = Param("keep_global", keep_global, 0, "every:K keeps every K-th site global (ViTDet style)")
 
 
@@ -48,6 +55,14 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
     if allow_1d and site.grid is None:
         return None, None, 0
     return "no token grid traced to a patch embedding", None, 0
+
+
+def sequence_prefix(site: AttentionSite, options: dict) -> tuple[str | None, int]:
+    """(reason it does not apply, global tokens) for a 1-D sequence site."""
+    n = options.get("global_tokens", 0)
+    if site.q_len is not None and n >= site.q_len:
+        return f"global_tokens={n} leaves none of the {site.q_len} tokens local", 0
+    return None, n
 
 
 def narrower(site: AttentionSite, size: tuple[int, int]) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.spatial_common import KEEP_GLOBAL, PREFIX, fits, narrower, spatial_frame
+from attnrewrite.passes.spatial_common import GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, sequence_prefix, fits, narrower, spatial_frame
 from attnrewrite.registry import Param, non_negative_int, positive_int, register, size2d
 from attnrewrite.site import AttentionSite
 
@@ -32,6 +32,7 @@ class WindowPass:
         Param("shift", str, "0", "0, half, or alternate (every other site shifted by half a window)",
               choices=("0", "half", "alternate")),
         PREFIX,
+        GLOBAL_TOKENS,
         KEEP_GLOBAL,
     )
 
@@ -43,8 +44,9 @@ class WindowPass:
         if reason:
             return reason
         if grid is None:
-            return None if options["size"][0] == options["size"][1] or options["size"][0] == 1 else \
-                "1-D sequences take a single window length (size=N)"
+            if options["size"][0] != options["size"][1] and options["size"][0] != 1:
+                return "1-D sequences take a single window length (size=N)"
+            return sequence_prefix(site, options)[0]
         return narrower(site, options["size"]) or fits(grid, options["size"], "window")
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
@@ -54,8 +56,9 @@ class WindowPass:
         _, grid, prefix = spatial_frame(site, options, allow_1d=True)
         size = options["size"]
         if grid is None:
+            _, prefix = sequence_prefix(site, options)
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                                     window=max(size), mode="block")
+                                     window=max(size), mode="block", prefix=prefix, prefix_mode=options["prefix"])
         return E.emit_window(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
                              prefix=prefix, size=size, shift=_shift(site, size, options["shift"]),
                              prefix_mode=options["prefix"])

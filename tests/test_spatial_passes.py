@@ -82,10 +82,11 @@ def test_text_sliding_window_uses_token_axis(capsys, tmp_path):
     rng = np.random.default_rng(0)
     calib = tmp_path / "c.npz"
     np.savez(calib, x=rng.standard_normal((4, 2, 10, 4)).astype(np.float32), mask=mask)
-    rc, stdout, err = run(capsys, path, "--pass", "neighborhood:kernel=10", "--calib", calib, "-o", tmp_path / "o.onnx", "--json")
-    assert rc == 0, err
-    p = json.loads(stdout)["passes"][0]
-    assert p["rewritten"] == ["attn_0"] and p["metrics_vs_original"]["y"]["max_abs"] <= 1e-5
+    for anchor in ("neighborhood:kernel=9", "neighborhood:kernel=10,global_tokens=0", "window:size=9"):
+        rc, stdout, err = run(capsys, path, "--pass", anchor, "--calib", calib, "-o", tmp_path / "o.onnx", "--json", "--force")
+        assert rc == 0, err
+        p = json.loads(stdout)["passes"][0]
+        assert p["rewritten"] == ["attn_0"] and p["metrics_vs_original"]["y"]["max_abs"] <= 1e-5, anchor
     rc, stdout, err = run(capsys, path, "--pass", "window:size=4", "--calib", calib, "-o", tmp_path / "o2.onnx", "--json")
     assert rc == 0 and json.loads(stdout)["passes"][0]["metrics_vs_original"]["y"]["max_abs"] > 1e-3
     rc, stdout, err = run(capsys, path, "--pass", "neighborhood:kernel=3,dilation=2", "--calib", calib,
@@ -93,7 +94,27 @@ def test_text_sliding_window_uses_token_axis(capsys, tmp_path):
     assert rc == 0 and json.loads(stdout)["passes"][0]["rewritten"] == ["attn_0"]
     rc, stdout, err = run(capsys, path, "--pass", "neighborhood:kernel=3,dilation=4", "--calib", calib,
                           "-o", tmp_path / "o4.onnx", "--json")
-    assert rc == 0 and "longer than the 10-token" in json.loads(stdout)["passes"][0]["sites"][0]["reason"]
+    assert rc == 0 and "longer than the 9 local tokens" in json.loads(stdout)["passes"][0]["sites"][0]["reason"]
+    rc, stdout, err = run(capsys, path, "--pass", "window:size=4,global_tokens=10", "--calib", calib,
+                          "-o", tmp_path / "o5.onnx", "--json")
+    assert rc == 0 and "leaves none of the 10 tokens" in json.loads(stdout)["passes"][0]["sites"][0]["reason"]
+
+
+def test_global_tokens_keep_the_first_tokens_global(capsys, tmp_path):
+    """The first token sees every key and every key-window sees it; window=1 leaves only itself + token 0."""
+    from attnrewrite.passes import spatial_reference as R
+
+    allowed = R.allowed_sliding_1d(10, 1, prefix=1, mode="block")
+    assert allowed[0].all() and allowed[:, 0].all() and (allowed.sum(-1)[1:] == 2).all()
+    path = tmp_path / "m.onnx"
+    onnx.save(B.plain_attention("input", n=10, project=True, self_attention=True), path)
+    outs = {}
+    for n in (0, 1, 3):
+        rc, stdout, err = run(capsys, path, "--pass", f"window:size=3,global_tokens={n}", "-o", tmp_path / f"g{n}.onnx",
+                              "--json", "--samples", "4")
+        assert rc == 0, err
+        outs[n] = json.loads(stdout)["passes"][0]["metrics_vs_original"]["y"]["rel_l2"]
+    assert len(set(outs.values())) == 3  # the setting changes the rewrite
 
 
 def test_passes_chain_sdpa_then_window(capsys, vit, tmp_path):
