@@ -124,7 +124,7 @@ def _rewrite(capsys, path, tmp_path, spec):
 
 
 VISION = ["vit_fused", "vit_manual_rect", "vit_packed_fused", "vit_parallel_rect", "vit_rotary", "vit_relpos_rect",
-          "deit_tiny", "dinov2_reg4_rect", "vit_mha", "hf_vit_rect", "hf_deit", "hf_dinov2_reg", "hf_clip_vision"]
+          "deit_tiny", "dinov2_reg4_rect", "vit_mha", "vit_einsum_rect", "hf_vit_rect", "hf_deit", "hf_dinov2_reg", "hf_clip_vision"]
 
 
 @pytest.mark.parametrize("exporter", ["torchscript17", "dynamo23"])
