@@ -31,6 +31,15 @@ class MainGroup(click.Group):
             args = ["rewrite", *args]
         return super().parse_args(ctx, args)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Map errors to exit codes here, so the console script, `python -m` and click's CliRunner
+        all see the same one-sentence errors and codes."""
+        code = _run_mapped(lambda: super(MainGroup, self).main(
+            args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra))
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 @click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="attnrewrite")
@@ -402,9 +411,14 @@ class _status:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn errors into one sentence and a documented exit code."""
+    """Entry point: run the CLI and return its documented exit code (errors are one sentence on stderr)."""
+    return cli.main(args=argv, prog_name="attnrewrite", standalone_mode=False)
+
+
+def _run_mapped(invoke) -> int:
+    """Run `invoke()`, turning every error into one sentence on stderr and its documented exit code."""
     try:
-        cli.main(args=argv, prog_name="attnrewrite", standalone_mode=False)
+        invoke()
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:

@@ -326,3 +326,23 @@ def test_onnx_path_runs_without_torch(tmp_path, vit, calib):
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_click_runner_sees_the_documented_exit_codes(tmp_path, vit, calib):
+    """CliRunner drives the click group itself: errors are mapped there, not only in the console script."""
+    from click.testing import CliRunner
+
+    from attnrewrite.cli import cli
+
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["inspect", str(vit), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["sites"]
+    out = tmp_path / "lin.onnx"
+    over = runner.invoke(cli, [str(vit), "--pass", "linear", "--calib", str(calib), "-o", str(out),
+                               "--budget", "cosine>=0.9999999"])
+    assert over.exit_code == 1 and out.exists()
+    bad = runner.invoke(cli, [str(vit), "--pass", "nope"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    none = tmp_path / "cls.onnx"
+    onnx.save(B.classifier_softmax(), none)
+    assert runner.invoke(cli, ["inspect", str(none)]).exit_code == 4
