@@ -150,7 +150,7 @@ def main() -> None:
                       f"{r['fraction_of_bound']:.0%}", f"{r.get('site_ms', 0):.1f}" if "site_ms" in r else "-",
                       f"{r['site_gflops']:.1f}" if "site_gflops" in r else "-",
                       f"{r['site_gflops'] / mm:.0%}" if "site_gflops" in r else "-")
-    Console().print(table)
+    Console(width=None if os.isatty(1) else 200).print(table)
 
 
 if __name__ == "__main__":

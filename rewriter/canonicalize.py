@@ -26,22 +26,15 @@ MAX_FOLDED_ELEMENTS = 4096
 
 def canonicalize(model: ir.Model) -> ir.Model:
     """Fold constants and shape chains, remove dead code and infer shapes, in place; returns `model`."""
-    steps = [
-        common_passes.InlinePass(),
-        _constant_folding.FoldConstantsPass(
-            shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20
-        ),
-        common_passes.RemoveUnusedNodesPass(),
-    ]
-    ir.passes.Sequential(*steps)(model)
+    # Shapes first (whole-graph ONNX inference is cheaper than onnxscript's per-node inference), so
+    # that one constant-folding pass sees the shape chains already replaced by constants.
+    common_passes.InlinePass()(model)
     infer_static_dims(model)
-    if fold_shape_chains(model.graph):
-        ir.passes.Sequential(
-            _constant_folding.FoldConstantsPass(
-                shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20
-            ),
-            common_passes.RemoveUnusedNodesPass(),
-        )(model)
+    fold_shape_chains(model.graph)
+    ir.passes.Sequential(
+        _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20),
+        common_passes.RemoveUnusedNodesPass(),
+    )(model)
     common_passes.TopologicalSortPass()(model)
     return model
 
@@ -62,8 +55,9 @@ def infer_static_dims(model: ir.Model) -> int:
         (inp, i) for inp in proto.graph.input for i, d in enumerate(inp.type.tensor_type.shape.dim)
         if not d.HasField("dim_value")
     ]
-    if not dynamic:
-        return 0
+    if not dynamic:  # one run gives the static shapes
+        run = _propagated_shapes(proto, dynamic, 0)
+        return _merge_runs(model, [run, run])
     improved = _merge_runs(model, [_propagated_shapes(proto, dynamic, size) for size in (2, 3)])
     if _softmax_logits_unresolved(model):
         improved += _merge_runs(model, [_folded_shapes(proto, dynamic, size) for size in (2, 3)])
