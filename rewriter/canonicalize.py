@@ -312,6 +312,8 @@ def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         shape = np.broadcast_shapes(a.shape, tuple(int(d) for d in args[1]))
         return np.broadcast_to(a, shape).copy() if np.prod(shape) <= MAX_FOLDED_ELEMENTS else None
     if op == "ConstantOfShape":
+        if np.prod(a.astype(np.int64)) > MAX_FOLDED_ELEMENTS:  # e.g. an [N, N] mask: never allocate it here
+            return None
         fill = _attr(node, "value")
         fill_arr = fill.numpy() if fill is not None else np.zeros(1, np.float32)
         return np.full(a.astype(np.int64), fill_arr.reshape(-1)[0], dtype=fill_arr.dtype)

@@ -77,3 +77,23 @@ def test_input_file_is_not_modified(tmp_path):
     analyze(path)
     assert path.read_bytes() == before
     np.testing.assert_equal(len(before) > 0, True)
+
+
+def test_shape_chain_evaluator_folds_small_values_only():
+    """Where/Equal/Expand chains (TorchScript's `expand(B, -1, -1)`) fold; a big ConstantOfShape
+    (an [N, N] mask) is left to the runtime instead of being allocated during canonicalisation."""
+    import onnx_ir as ir
+
+    from attnrewrite.canonicalize import MAX_FOLDED_ELEMENTS, _evaluate
+
+    def ev(op, *args, **attrs):
+        node = ir.node(op, [ir.Value(name=f"i{i}") for i in range(len(args))], attributes=attrs)
+        return _evaluate(node, [np.asarray(a) for a in args])
+
+    target = np.array([2, -1, -1], np.int64)
+    ones = ev("ConstantOfShape", [3], value=ir.tensor(np.array([1], np.int64)))
+    mask = ev("Equal", target, ones * -1)
+    assert ev("Where", mask, ones, target).tolist() == [2, 1, 1]
+    assert ev("Expand", np.zeros((1, 1, 4), np.float32), np.array([2, 1, 1])).shape == (2, 1, 4)
+    assert ev("ConstantOfShape", [MAX_FOLDED_ELEMENTS + 1]) is None
+    assert ev("Expand", np.zeros((1, 1), np.float32), np.array([MAX_FOLDED_ELEMENTS, 2])) is None
