@@ -211,30 +211,29 @@ def _f(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
 
+#: model -> (title, [(column, cell formatter)]); the pass, sites and kept-global columns frame each table
+TABLES = {
+    "digits": ("digits ViT (8x8 grid + CLS, 4 layers), held-out top-1 on 450 images", [
+        ("top-1", lambda r: _f(r.get("top1"))), ("logit cosine", lambda r: _f(r.get("cosine"))),
+        ("top-1 agreement", lambda r: _f(r.get("agreement"), ".3f"))]),
+    "minilm": (f"all-MiniLM-L6-v2 (real weights, {SEQ} tokens, 6 layers), sentence-embedding cosine on "
+               f"{len(SENTENCES) - CALIB_SENTENCES} held-out texts of 3 sentences", [
+        ("cosine (mean)", lambda r: _f(r.get("cosine"))), ("cosine (worst)", lambda r: _f(r.get("cosine_min")))]),
+}
+
+
 def print_tables(rows: list[dict]) -> None:
-    digits = [r for r in rows if r["model"] == "digits"]
-    if digits:
-        print("\ndigits ViT (8x8 grid + CLS, 4 layers), held-out top-1 on 450 images")
-        print("| pass | sites | top-1 | logit cosine | top-1 agreement | kept global |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for r in digits:
-            if "error" in r:
-                print(f"| `{r['pass']}` | - | error: {r['error']} | | | |")
-                continue
-            print(f"| `{r['pass']}` | {r['sites']} | {_f(r['top1'])} | {_f(r.get('cosine'))} | "
-                  f"{_f(r.get('agreement'), '.3f')} | {', '.join(r.get('kept_global') or []) or '-'} |")
-    minilm = [r for r in rows if r["model"] == "minilm"]
-    if minilm:
-        print(f"\nall-MiniLM-L6-v2 (real weights, {SEQ} tokens, 6 layers), sentence-embedding cosine on "
-              f"{len(SENTENCES) - CALIB_SENTENCES} held-out texts of 3 sentences")
-        print("| pass | sites | cosine (mean) | cosine (worst) | kept global |")
-        print("| --- | --- | --- | --- | --- |")
-        for r in minilm:
-            if "error" in r:
-                print(f"| `{r['pass']}` | - | error: {r['error']} | | |")
-                continue
-            print(f"| `{r['pass']}` | {r['sites']} | {_f(r['cosine'])} | {_f(r['cosine_min'])} | "
-                  f"{', '.join(r.get('kept_global') or []) or '-'} |")
+    """One markdown table per model, ready to paste into the README."""
+    for model, (title, columns) in TABLES.items():
+        mine = [r for r in rows if r["model"] == model]
+        if not mine:
+            continue
+        names = ["pass", "sites", *(c for c, _ in columns), "kept global"]
+        print(f"\n{title}\n| {' | '.join(names)} |\n|{' --- |' * len(names)}")
+        for r in mine:
+            cells = [f"error: {r['error']}"] + [""] * (len(columns) - 1) if "error" in r else [fmt(r) for _, fmt in columns]
+            kept = ", ".join(r.get("kept_global") or []) or "-"
+            print(f"| `{r['pass']}` | {r.get('sites', '-')} | {' | '.join(cells)} | {kept} |")
 
 
 def main(argv: list[str] | None = None) -> None:
