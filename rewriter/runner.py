@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from attnrewrite.errors import AttnRewriteError
+from attnrewrite.errors import AttnRewriteError, InputError
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -71,15 +71,23 @@ def make_session(model: ir.Model | onnx.ModelProto, base_dir: Path | None, extra
 
 
 def session_from_path(path: str | os.PathLike, extra_outputs: Iterable[str] = ()) -> ort.InferenceSession:
-    """A session for a model file as it is on disk (the honest reference for the original)."""
+    """A session for a model file as it is on disk (the honest reference for the original).
+
+    A file that onnxruntime itself cannot load is bad input (exit 2), not a failure of ours: exporters
+    do emit such models (e.g. opset-18 attributes under an opset-17 import).
+    """
     extra = list(extra_outputs)
     if not extra:
         try:
             return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
-            raise AttnRewriteError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[-1][:300]}") from exc
+            raise InputError(f"onnxruntime cannot load {path} as it is: {str(exc).strip().splitlines()[-1][:300]}") from exc
     proto = onnx.load(str(path), load_external_data=False)
-    return make_session(proto, Path(path).resolve().parent, extra)
+    try:
+        return make_session(proto, Path(path).resolve().parent, extra)
+    except AttnRewriteError:
+        session_from_path(path)  # raises InputError when the file itself does not load
+        raise
 
 
 def run_batches(

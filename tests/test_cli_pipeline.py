@@ -346,3 +346,17 @@ def test_click_runner_sees_the_documented_exit_codes(tmp_path, vit, calib):
     none = tmp_path / "cls.onnx"
     onnx.save(B.classifier_softmax(), none)
     assert runner.invoke(cli, ["inspect", str(none)]).exit_code == 4
+
+
+def test_input_model_onnxruntime_cannot_load_is_exit_2(capsys, tmp_path):
+    """Exporters emit such files (opset-18 Split attributes under opset 17): the input is at fault."""
+    model = B.plain_attention("none", project=True)
+    split = helper.make_node("Split", ["y"], ["y0", "y1"], axis=-1, num_outputs=2)  # opset-18 attribute
+    model.graph.node.append(split)
+    model.graph.output.append(helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "bad_split.onnx"
+    onnx.save(model, path)
+    rc, out, err = run(capsys, path, "--pass", "sdpa", "-o", tmp_path / "o.onnx")
+    assert rc == 2 and "onnxruntime cannot load" in err and "Traceback" not in err
+    rc, out, err = run(capsys, "audit", path, path)
+    assert rc == 2 and "onnxruntime cannot load" in err
