@@ -8,6 +8,7 @@ stderr, never a traceback (set ATTNREWRITE_DEBUG=1 to see one).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -104,6 +105,12 @@ def _print_sites(document: dict) -> None:
             "✓" if s["verified"] else "✗",
         )
     console.print(table)
+    notes = collections.defaultdict(list)  # one line per distinct note, naming the sites it applies to
+    for s in document["sites"]:
+        for note in s.get("notes", []):
+            notes[note].append(s["id"])
+    for note, ids in notes.items():
+        console.print(f"[dim]{', '.join(ids)}: {note}[/dim]")
     if document["rejected"]:
         rej = Table(title="Not rewritable")
         rej.add_column("node")

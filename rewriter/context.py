@@ -23,8 +23,18 @@ _PROJECTION_OPS = {
     "Reshape", "Transpose", "Mul", "Div", "Add", "Sub", "MatMul", "Gemm", "Gather", "Split", "Slice",
     "Squeeze", "Unsqueeze", "Cast", "Identity", "Concat", "Neg", "Expand", "Einsum", "Tile",
 }
-#: For these, only the first input carries data (the rest are shapes, indices, axes).
-_DATA_INPUT_ONLY = {"Reshape", "Expand", "Slice", "Gather", "Unsqueeze", "Squeeze", "Tile", "Split"}
+#: Per-element maths: applied to one token at a time, whatever the layout (L2-normalised Q and K
+#: in Swin V2 and cosine attention, RMSNorm chains).
+_ELEMENTWISE_OPS = {
+    "Sqrt", "Pow", "Reciprocal", "Clip", "Max", "Min", "Abs", "Exp", "Sigmoid", "Tanh", "Erf", "Relu",
+}
+#: Reductions that stay inside one token when they reduce only the last (feature) axis.
+_FEATURE_REDUCTIONS = {"ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax", "LpNormalization"}
+#: For these, only the first input carries data (the rest are shapes, indices, axes, exponents).
+_DATA_INPUT_ONLY = {
+    "Reshape", "Expand", "Slice", "Gather", "Unsqueeze", "Squeeze", "Tile", "Split", "Pow", "Clip",
+    *_FEATURE_REDUCTIONS,
+}
 _CONST = object()
 #: Most prefix tokens we accept (CLS + distillation + registers are at most a handful).
 MAX_PREFIX_TOKENS = 64
@@ -71,7 +81,7 @@ def token_source(value: ir.Value, memo: dict, const_memo: dict, depth: int = 0):
         memo[value] = _CONST
         return _CONST
     node = value.producer()
-    if node is None or node.op_type not in _PROJECTION_OPS or depth > 64:
+    if node is None or depth > 64 or not _keeps_tokens_apart(node):
         memo[value] = value
         return value
     inputs = node.inputs[:1] if node.op_type in _DATA_INPUT_ONLY else node.inputs
@@ -83,6 +93,25 @@ def token_source(value: ir.Value, memo: dict, const_memo: dict, depth: int = 0):
     result = _CONST if not found else next(iter(found.values())) if len(found) == 1 else value
     memo[value] = result
     return result
+
+
+def _keeps_tokens_apart(node: ir.Node) -> bool:
+    """Does `node` leave each token's data unmixed with other tokens' (so the stream passes through)?"""
+    if node.op_type in _PROJECTION_OPS or node.op_type in _ELEMENTWISE_OPS:
+        return True
+    if node.op_type not in _FEATURE_REDUCTIONS:
+        return False
+    rank = len(node.inputs[0].shape) if node.inputs[0] is not None and node.inputs[0].shape is not None else None
+    if node.op_type == "LpNormalization":
+        axes = [node.attributes["axis"].value if "axis" in node.attributes else -1]
+    elif "axes" in node.attributes:
+        axes = list(node.attributes["axes"].value)
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const_array(node.inputs[1])
+        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    else:
+        axes = None  # all axes
+    return rank is not None and axes is not None and len(axes) == 1 and axes[0] in (-1, rank - 1)
 
 
 def has_rotary(q: ir.Value, const_memo: dict, limit: int = 64) -> bool:

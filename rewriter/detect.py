@@ -107,7 +107,7 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     axis = softmax.attributes["axis"].value if "axis" in softmax.attributes else -1
     if rank is not None and axis not in (-1, rank - 1):
         raise Reject(f"softmax over axis {axis}, not the last (key) axis")
-    chain, qk, scale = _logits_chain(logits, const_memo)
+    chain, qk, scale, row_factors = _logits_chain(logits, const_memo)
     pv, probs_nodes = _find_value_matmul(softmax)
     v = pv.inputs[1]
     if v is None or is_constant(v, const_memo):
@@ -135,6 +135,10 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     q_rank = _rank(q_base)
     if q_rank not in (3, 4):
         raise Reject(f"query has rank {q_rank}; need [B, h, N, d] or [B·h, N, d]", qk)
+    if row_factors:
+        if qk.op_type == "Einsum":
+            raise Reject("per-head logit scale on an Einsum product", qk)
+        q_base = _scale_query_rows(graph, q_base, row_factors)
     if k4_perm is None:
         k_full = k_base
     else:
@@ -153,13 +157,16 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     head_dim = qd[3]
     if scale <= 0 or not math.isfinite(scale):
         raise Reject(f"logit scale {scale} is not a positive number", qk)
-    return AttentionSite(
+    site = AttentionSite(
         id="", op="Softmax", anchor=softmax, q=q4, k=k4, v=v4, output=pv.outputs[0],
         num_heads=qd[1] if layout == "bhnd" else context.heads_from_reshape(q_base, head_dim),
         head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=scale, bias=bias, bias_kind=bias_kind,
         kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
         nodes=covered, output_layout=layout, bias_per_key=bias is None or query_invariant(bias),
     )
+    if row_factors:
+        site.notes.append("per-head logit scale (e.g. Swin V2's cosine-attention temperature) folded into Q")
+    return site
 
 
 def _rank(value: ir.Value) -> int | None:
@@ -210,13 +217,17 @@ def _is_nan_guard(node: ir.Node, probs: ir.Value) -> bool:
     return cond is not None and cond.op_type == "IsNaN" and cond.inputs[0] is probs and fill == 0.0
 
 
-def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir.Node, float]:
-    """Walk up from the softmax input to Q·Kᵀ; returns (chain in execution order, qk node, scale).
+def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir.Node, float, list[np.ndarray]]:
+    """Walk up from the softmax input to Q·Kᵀ; returns (chain in execution order, qk node, scale,
+    row factors).
 
-    The chain is affine in Q·Kᵀ, so the scale is the product of its Mul/Div constants.
+    The chain is affine in Q·Kᵀ, so the scale is the product of its Mul/Div constants. A constant
+    that varies per head or per query but not per key (Swin V2's learned temperature, `[h, 1, 1]`)
+    scales rows of Q·Kᵀ, so it is returned as a row factor to fold into Q.
     """
     chain: list[ir.Node] = []
     scale = 1.0
+    row_factors: list[np.ndarray] = []
     value = logits
     for _ in range(_MAX_CHAIN):
         node = value.producer()
@@ -229,8 +240,10 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
             if is_constant(node.inputs[1], const_memo):
                 raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", node)
             chain.reverse()
-            return chain, node, scale
+            return chain, node, scale, row_factors
         if op in ("Cast", "Identity", "Reshape"):
+            if op == "Reshape" and row_factors:
+                raise Reject("per-head logit scale is applied after the logits were reshaped", node)
             nxt = node.inputs[0]
         elif op in ("Mul", "Div"):
             factor = scalar_constant(node.inputs[1])
@@ -239,8 +252,12 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
                 factor = scalar_constant(node.inputs[0])
                 nxt = node.inputs[1]
             if factor is None:
-                raise Reject(f"logits {op} by a non-scalar or dynamic tensor", node)
-            scale *= factor if op == "Mul" else 1.0 / factor
+                rows, nxt = _row_factor(node, const_memo)
+                if rows is None:
+                    raise Reject(f"logits {op} by a non-scalar or dynamic tensor", node)
+                row_factors.append(rows)
+            else:
+                scale *= factor if op == "Mul" else 1.0 / factor
         elif op in ("Add", "Sub"):
             nxt = _logits_operand(node, (0, 1) if op == "Add" else (0,), const_memo)
         elif op == "Where":
@@ -250,6 +267,41 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
         chain.append(node)
         value = nxt
     raise Reject("logits chain longer than the detector follows")
+
+
+def _row_factor(node: ir.Node, const_memo: dict) -> tuple[np.ndarray | None, ir.Value]:
+    """A finite, non-zero constant operand of a logits Mul/Div whose key axis is 1; the other operand.
+
+    Such a factor multiplies whole rows of Q·Kᵀ, which is the same as multiplying the rows of Q.
+    """
+    slots = ((1, 0), (0, 1)) if node.op_type == "Mul" else ((1, 0),)
+    for const_pos, data_pos in slots:
+        operand = node.inputs[const_pos]
+        if operand is None or not is_constant(operand, const_memo):
+            continue
+        arr = context.evaluate_constant(operand)
+        if arr is None or arr.ndim == 0 or arr.shape[-1] != 1 or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        if not np.all(np.isfinite(arr)) or not np.all(arr != 0):
+            continue
+        return (arr if node.op_type == "Mul" else 1.0 / arr), node.inputs[data_pos]
+    return None, node.inputs[0]
+
+
+def _scale_query_rows(graph: ir.Graph, q: ir.Value, factors: list[np.ndarray]) -> ir.Value:
+    """Q multiplied by the product of the row factors (each broadcasts like the logits minus keys)."""
+    combined = factors[0]
+    for f in factors[1:]:
+        combined = combined * f
+    rank = _rank(q)
+    if combined.ndim > rank:
+        raise Reject(f"per-head logit scale of rank {combined.ndim} does not fit a rank-{rank} query")
+    np_dtype = (q.dtype or ir.DataType.FLOAT).numpy()
+    const = add_constant(graph, combined.astype(np_dtype), "row_scale")
+    out = add_node(graph, "Mul", [q, const], name="q_row_scaled")
+    out.type = q.type
+    out.shape = q.shape
+    return out
 
 
 def _logits_operand(node: ir.Node, positions: tuple[int, ...], const_memo: dict) -> ir.Value:

@@ -71,6 +71,7 @@ class AttentionSite:
             "rotary": self.rotary,
             "verified": self.verified,
             "nodes": [n.name or "" for n in self.nodes],
+            "notes": list(self.notes),
         }
 
 

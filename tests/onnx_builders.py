@@ -52,10 +52,13 @@ def moe_gate(seed=0):
     return _model(nodes, [f32("x", [2, 5, 8])], [f32("mix", [2, 5, 1, 8])], inits)
 
 
-def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, project=False, self_attention=False):
+def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, project=False, self_attention=False,
+                    logit_factor: str = "none"):
     """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|input.
 
     `project=True` adds an output projection, so the attention output is not itself a model output.
+    `logit_factor` multiplies the logits by a constant tensor: "per_head" ([h, 1, 1], Swin V2's
+    temperature), "per_query" ([n, 1]) or "per_key" ([n]), the last of which is not a scale of Q.
     """
     rng = np.random.default_rng(seed)
     nodes = [
@@ -71,14 +74,19 @@ def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, pro
             inits.append(init("W" + name, rng.standard_normal((d, d)) * 1.5))
             nodes.insert(0, helper.make_node("MatMul", ["x", "W" + name], [name]))
     logits = "ss"
+    if logit_factor != "none":
+        shape = {"per_head": (heads, 1, 1), "per_query": (n, 1), "per_key": (n,)}[logit_factor]
+        inits.append(init("T", np.linspace(0.5, 3.0, int(np.prod(shape))).reshape(shape)))
+        nodes.append(helper.make_node("Mul", ["T", "ss"], ["st"]))
+        logits = "st"
     if bias in ("zero", "const"):
         arr = np.zeros((heads, n, n)) if bias == "zero" else rng.standard_normal((heads, n, n))
         inits.append(init("B", arr))
-        nodes.append(helper.make_node("Add", ["ss", "B"], ["sb"]))
+        nodes.append(helper.make_node("Add", [logits, "B"], ["sb"]))
         logits = "sb"
     elif bias == "input":
         inputs.append(f32("mask", [1, 1, 1, n]))
-        nodes.append(helper.make_node("Add", ["ss", "mask"], ["sb"]))
+        nodes.append(helper.make_node("Add", [logits, "mask"], ["sb"]))
         logits = "sb"
     nodes += [helper.make_node("Softmax", [logits], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
     if project:

@@ -50,7 +50,7 @@ def test_inspect_json_schema(capsys, vit):
     assert set(doc) >= {"model", "opset", "sites", "rejected"} and doc["opset"] == 17
     types = {"id": str, "op": str, "kind": str, "num_heads": int, "head_dim": int, "q_len": int, "kv_len": int,
              "instances": int, "scale": float, "bias": str, "window": type(None), "grid": list,
-             "prefix_tokens": int, "rotary": bool, "verified": bool, "nodes": list}
+             "prefix_tokens": int, "rotary": bool, "verified": bool, "nodes": list, "notes": list}
     assert len(doc["sites"]) == 3
     for site in doc["sites"]:
         for key, kind in types.items():

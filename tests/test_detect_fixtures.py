@@ -145,8 +145,9 @@ def test_vision_exports_take_spatial_passes(capsys, exported, name, exporter, tm
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_swin_is_narrowed_or_left_alone(capsys, exported, exporter, tmp_path):
-    exp = exported("hf_swin", exporter)
+@pytest.mark.parametrize("name", ["hf_swin", "hf_swinv2"])
+def test_swin_is_narrowed_or_left_alone(capsys, exported, name, exporter, tmp_path):
+    exp = exported(name, exporter)
     window = exp.meta.sites[0].window
     alone, _ = _rewrite(capsys, exp.path, tmp_path, f"window:size={window[0]}x{window[1]}")
     assert alone["rewritten"] == []

@@ -39,6 +39,21 @@ def test_bias_kinds(tmp_path, bias, kind):
     assert site.verified
 
 
+@pytest.mark.parametrize("factor", ["per_head", "per_query"])
+def test_logit_factor_that_scales_rows_is_folded_into_q(tmp_path, factor):
+    """Swin V2 multiplies cosine logits by a learned temperature per head: a scale of Q's rows."""
+    a = _analyze(tmp_path, B.plain_attention("const", logit_factor=factor))
+    (site,) = a.sites
+    assert site.verified and site.scale == pytest.approx(0.5)
+    assert site.q.producer().op_type == "Mul" and any("folded into Q" in n for n in site.notes)
+
+
+def test_logit_factor_per_key_is_not_a_scale(tmp_path):
+    a = _analyze(tmp_path, B.plain_attention("none", logit_factor="per_key"))
+    assert a.sites == []
+    assert "non-scalar" in a.detection.rejected[0].reason
+
+
 def test_onnx_attention_op(tmp_path):
     a = _analyze(tmp_path, B.onnx_attention_op(with_mask=True))
     (site,) = a.sites
@@ -61,8 +76,8 @@ def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
     original = D._logits_chain
 
     def wrong_scale(*args, **kwargs):
-        chain, qk, scale = original(*args, **kwargs)
-        return chain, qk, scale * 2
+        chain, qk, scale, row_factors = original(*args, **kwargs)
+        return chain, qk, scale * 2, row_factors
 
     monkeypatch.setattr(D, "_logits_chain", wrong_scale)
     a = _analyze(tmp_path, B.plain_attention("const"))

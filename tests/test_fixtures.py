@@ -137,7 +137,8 @@ def test_metadata_is_self_consistent(built, name):
     """Grid, prefix and window agree with the token counts, and the grid has the input's aspect ratio."""
     b = built(name)
     for i, s in enumerate(b.meta.sites):
-        assert s.num_heads > 0 and s.head_dim > 0 and np.isclose(s.scale, s.head_dim ** -0.5), (name, i, s)
+        scale = 1.0 if b.meta.attention_impl == "hf_cosine" else s.head_dim ** -0.5
+        assert s.num_heads > 0 and s.head_dim > 0 and np.isclose(s.scale, scale), (name, i, s)
         if s.grid is None:
             assert s.prefix_tokens is None and s.window is None, (name, i, s)
             continue
