@@ -1,7 +1,8 @@
 """Neighborhood family: `neighborhood` (NATTEN) with `dilation` (DiNA).
 
 Every grid query attends to exactly K×K grid tokens around it; near the border the window slides
-inward instead of being zero-padded (NATTEN's clamp semantics, see ALGORITHMS.md §2). The ONNX form
+inward instead of being zero-padded (NATTEN's clamp semantics, see ALGORITHMS.md §2). An undilated
+kernel longer than its axis covers the axis (kernel 2·side−1 is full attention). The ONNX form
 tiles the queries and gathers each tile's key region once, so the work is batched MatMuls with a
 static mask carving each query's exact window.
 """
@@ -41,9 +42,12 @@ class NeighborhoodPass:
             reason, prefix = sequence_prefix(site, options)
             if reason:
                 return reason
-            if k[1] * d[1] > site.q_len - prefix:
-                return f"kernel x dilation {k[1]}x{d[1]} is longer than the {site.q_len - prefix} local tokens"
+            local = site.q_len - prefix
+            k = effective_kernel(k, d, (local, local))
+            if k[1] * d[1] > local:
+                return f"kernel x dilation {k[1]}x{d[1]} is longer than the {local} local tokens"
             return None
+        k = effective_kernel(k, d, grid)
         span = (k[0] * d[0], k[1] * d[1])
         return fits(grid, span, "kernel x dilation")
 
@@ -52,14 +56,27 @@ class NeighborhoodPass:
 
         t = ir_tape.Tape(graph)
         _, grid, prefix = spatial_frame(site, options, allow_1d=True)
+        d = options["dilation"]
         if grid is None:
             _, prefix = sequence_prefix(site, options)
+            local = site.q_len - prefix
+            k = effective_kernel(options["kernel"], d, (local, local))
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                                     window=options["kernel"][1], mode="centered", dilation=options["dilation"][1],
+                                     window=k[1], mode="centered", dilation=d[1],
                                      prefix=prefix, prefix_mode=options["prefix"])
         return E.emit_neighborhood(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
-                                   prefix=prefix, kernel=options["kernel"], dilation=options["dilation"],
+                                   prefix=prefix, kernel=effective_kernel(options["kernel"], d, grid), dilation=d,
                                    prefix_mode=options["prefix"])
+
+
+def effective_kernel(kernel: tuple[int, int], dilation: tuple[int, int], sides: tuple[int, int]) -> tuple[int, int]:
+    """An undilated kernel at least as long as its axis is that axis: every query sees all of it.
+
+    So `kernel=2·side−1` (the kernel that covers the whole grid from any centre) is full attention,
+    the exactness anchor, instead of an error. Dilated kernels must fit (k·d ≤ side, as in NATTEN):
+    clamping them would change which tokens share a dilation group's window.
+    """
+    return tuple(min(k, n) if dd == 1 else k for k, dd, n in zip(kernel, dilation, sides))
 
 
 register(NeighborhoodPass())

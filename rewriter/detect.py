@@ -429,8 +429,8 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
     if is_constant(bias, const_memo):
         arr = context.evaluate_constant(bias)
         if arr is not None:
-            if not np.any(arr):
-                return None, "none"
+            if arr.ndim == 0 or not np.any(arr) or np.all(arr == arr[..., :1]):
+                return None, "none"  # softmax ignores a shift shared by every key of a row
             if q_rank == 3 and arr.ndim == 3:
                 arr = arr[:, None]
             return add_constant(graph, arr.astype(np_dtype), "bias_const"), "constant"

@@ -54,7 +54,8 @@ def moe_gate(seed=0):
 
 def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, project=False, self_attention=False,
                     logit_factor: str = "none"):
-    """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|input.
+    """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|row_shift|input
+    (row_shift: the same value for every key of a row, which softmax ignores).
 
     `project=True` adds an output projection, so the attention output is not itself a model output.
     `logit_factor` multiplies the logits by a constant tensor: "per_head" ([h, 1, 1], Swin V2's
@@ -79,8 +80,9 @@ def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, pro
         inits.append(init("T", np.linspace(0.5, 3.0, int(np.prod(shape))).reshape(shape)))
         nodes.append(helper.make_node("Mul", ["T", "ss"], ["st"]))
         logits = "st"
-    if bias in ("zero", "const"):
-        arr = np.zeros((heads, n, n)) if bias == "zero" else rng.standard_normal((heads, n, n))
+    if bias in ("zero", "const", "row_shift"):
+        arr = {"zero": np.zeros((heads, n, n)), "const": rng.standard_normal((heads, n, n)),
+               "row_shift": np.repeat(rng.standard_normal((heads, n, 1)), n, axis=-1)}[bias]
         inits.append(init("B", arr))
         nodes.append(helper.make_node("Add", [logits, "B"], ["sb"]))
         logits = "sb"

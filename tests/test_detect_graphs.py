@@ -29,7 +29,8 @@ def test_moe_gate_reason_names_the_constant_weight(tmp_path):
     assert "constant" in a.detection.rejected[0].reason
 
 
-@pytest.mark.parametrize("bias,kind", [("none", "none"), ("zero", "none"), ("const", "constant"), ("input", "input")])
+@pytest.mark.parametrize("bias,kind", [("none", "none"), ("zero", "none"), ("row_shift", "none"), ("const", "constant"),
+                                       ("input", "input")])
 def test_bias_kinds(tmp_path, bias, kind):
     a = _analyze(tmp_path, B.plain_attention(bias))
     (site,) = a.sites

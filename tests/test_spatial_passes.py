@@ -29,7 +29,7 @@ def _rewrite(capsys, vit, tmp_path, spec, *extra):
 
 
 @pytest.mark.parametrize("spec", [
-    "window:size=5x6", "neighborhood:kernel=5x6", "halo:block=6,halo=0", "halo:block=2,halo=6", "grid:size=5x6",
+    "window:size=5x6", "neighborhood:kernel=5x6", "neighborhood:kernel=9x11", "halo:block=6,halo=0", "halo:block=2,halo=6", "grid:size=5x6",
     "window:size=5x6,prefix=global",
 ])
 def test_anchors_reproduce_the_model(capsys, vit, tmp_path, spec):
@@ -60,7 +60,9 @@ def test_keep_global_and_sites(capsys, vit, tmp_path):
 
 
 def test_too_large_window_is_declined_with_reason(capsys, vit, tmp_path):
-    p = _rewrite(capsys, vit, tmp_path, "neighborhood:kernel=7")
+    p = _rewrite(capsys, vit, tmp_path, "neighborhood:kernel=3,dilation=2")  # spans 6 rows of 5
+    assert p["rewritten"] == [] and "larger than the 5x6 grid" in p["sites"][0]["reason"]
+    p = _rewrite(capsys, vit, tmp_path, "grid:size=6")
     assert p["rewritten"] == [] and "larger than" in p["sites"][0]["reason"]
 
 
@@ -82,7 +84,8 @@ def test_text_sliding_window_uses_token_axis(capsys, tmp_path):
     rng = np.random.default_rng(0)
     calib = tmp_path / "c.npz"
     np.savez(calib, x=rng.standard_normal((4, 2, 10, 4)).astype(np.float32), mask=mask)
-    for anchor in ("neighborhood:kernel=9", "neighborhood:kernel=10,global_tokens=0", "window:size=9"):
+    for anchor in ("neighborhood:kernel=9", "neighborhood:kernel=10,global_tokens=0", "window:size=9",
+                   "neighborhood:kernel=17"):  # 2·9−1 local tokens: covers all from any centre
         rc, stdout, err = run(capsys, path, "--pass", anchor, "--calib", calib, "-o", tmp_path / "o.onnx", "--json", "--force")
         assert rc == 0, err
         p = json.loads(stdout)["passes"][0]
