@@ -10,6 +10,7 @@ plain `Mul(x, 0.125)` whatever the exporter wrote.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -26,6 +27,25 @@ MAX_FOLDED_ELEMENTS = 4096
 
 def canonicalize(model: ir.Model) -> ir.Model:
     """Fold constants and shape chains, remove dead code and infer shapes, in place; returns `model`."""
+    with _quiet_folder():
+        return _canonicalize(model)
+
+
+@contextlib.contextmanager
+def _quiet_folder():
+    """onnxscript's folder logs a warning for every node it declines ("Skipping constant folding for
+    op Split…", failed evaluations on concrete-size copies); without a logging setup Python prints
+    them on stderr, which users read as errors. Declining is expected here: silence the warnings."""
+    folder_logger = logging.getLogger(_constant_folding.__name__)
+    level = folder_logger.level
+    folder_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        folder_logger.setLevel(level)
+
+
+def _canonicalize(model: ir.Model) -> ir.Model:
     # Shapes first (whole-graph ONNX inference is cheaper than onnxscript's per-node inference), so
     # that one constant-folding pass sees the shape chains already replaced by constants.
     common_passes.InlinePass()(model)
