@@ -42,6 +42,8 @@ class NeighborhoodPass:
             reason, prefix = sequence_prefix(site, options)
             if reason:
                 return reason
+            if site.q_len is None:
+                return "dilation needs a static sequence length (export with a fixed length)" if d[1] != 1 else None
             local = site.q_len - prefix
             k = effective_kernel(k, d, (local, local))
             if k[1] * d[1] > local:
@@ -59,11 +61,12 @@ class NeighborhoodPass:
         d = options["dilation"]
         if grid is None:
             _, prefix = sequence_prefix(site, options)
-            local = site.q_len - prefix
+            local = site.q_len - prefix if site.q_len is not None else options["kernel"][1]
             k = effective_kernel(options["kernel"], d, (local, local))
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
                                      window=k[1], mode="centered", dilation=d[1],
-                                     prefix=prefix, prefix_mode=options["prefix"])
+                                     prefix=prefix, prefix_mode=options["prefix"],
+                                     bias_per_key=site.bias_per_key)
         return E.emit_neighborhood(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
                                    prefix=prefix, kernel=effective_kernel(options["kernel"], d, grid), dilation=d,
                                    prefix_mode=options["prefix"])

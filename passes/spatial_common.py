@@ -43,7 +43,7 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
         return f"kept global by keep_global=every:{every}", None, 0
     if site.kind != "self":
         return "cross-attention has no shared token grid", None, 0
-    if site.q_len is None:
+    if site.q_len is None and (site.grid is not None or site.window is not None or not allow_1d):
         return "dynamic token count; the grid cannot be resolved statically", None, 0
     for name, value in (("Q", site.q), ("V", site.v)):
         if value.shape is None or len(value.shape) != 4 or not isinstance(value.shape[3], int):
@@ -62,6 +62,10 @@ def sequence_prefix(site: AttentionSite, options: dict) -> tuple[str | None, int
     n = options.get("global_tokens", 0)
     if site.q_len is not None and n >= site.q_len:
         return f"global_tokens={n} leaves none of the {site.q_len} tokens local", 0
+    if site.q_len is None and site.bias is not None and not site.bias_per_key:
+        # a padding mask can be gathered per key block whatever the length; a causal or relative
+        # bias would need the [T, T] rows laid out, which needs the length
+        return "the bias varies per query and the sequence length is dynamic (export with a fixed length)", 0
     return None, n
 
 

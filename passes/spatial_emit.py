@@ -252,11 +252,19 @@ def emit_halo(t, q, k, v, *, scale, bias, grid, prefix, block, halo, border="mas
 
 
 def emit_sliding_1d(t, q, k, v, *, scale, bias, window: int, mode: str = "centered", prefix: int = 0,
-                    prefix_mode: str = "global", tile: int | None = None, dilation: int = 1) -> ir.Value:
+                    prefix_mode: str = "global", tile: int | None = None, dilation: int = 1,
+                    bias_per_key: bool = False) -> ir.Value:
     """Text: every token after the P prefix tokens sees `window` keys in total (`centered`, NATTEN
     1-D, clamped at the ends, every `dilation`-th token for DiNA) or its block of `window` tokens
     (`block`); a key-padding bias [B,1,1,T] is honoured. A window longer than the sequence is full
-    attention."""
+    attention. A symbolic sequence length takes `spatial_dynamic` (no dilation there)."""
+    if not isinstance(q.shape[2] if q.shape is not None and len(q.shape) == 4 else None, int):
+        from attnrewrite.passes.spatial_dynamic import emit_sliding_1d_dynamic
+
+        if dilation != 1:
+            raise ValueError("dilation needs a static sequence length")
+        return emit_sliding_1d_dynamic(t, q, k, v, scale=scale, bias=bias, window=window, mode=mode, prefix=prefix,
+                                       prefix_mode=prefix_mode, bias_per_key=bias_per_key)
     length = _static(q, 2) - prefix
     if window < 1 or dilation < 1:
         raise ValueError(f"{window=} and {dilation=} must be >= 1")

@@ -58,7 +58,8 @@ class WindowPass:
         if grid is None:
             _, prefix = sequence_prefix(site, options)
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                                     window=max(size), mode="block", prefix=prefix, prefix_mode=options["prefix"])
+                                     window=max(size), mode="block", prefix=prefix, prefix_mode=options["prefix"],
+                                     bias_per_key=site.bias_per_key)
         return E.emit_window(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
                              prefix=prefix, size=size, shift=_shift(site, size, options["shift"]),
                              prefix_mode=options["prefix"])

@@ -202,3 +202,35 @@ def test_dynamic_batch_torchscript_shape_chains_resolve(capsys, tmp_path):
     assert (site["head_dim"], site["q_len"], site["grid"], site["prefix_tokens"]) == (8, 49, [6, 8], 1)
     p, _ = _rewrite(capsys, path, tmp_path, "neighborhood:kernel=3")
     assert p["rewritten"] == ["attn_0"]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
+def test_dynamic_length_text_takes_sliding_windows(capsys, exported, exporter, tmp_path):
+    """Text exports keep the sequence axis symbolic; the rewritten graph must serve every length."""
+    exp = exported("minilm_dynamic", exporter)
+
+    def shapes(spec):
+        return [arg for name in exp.input_names for arg in ("--shape", f"{name}={spec}")]
+
+    def rewrite(spec, out):
+        rc, stdout, err = run(capsys, exp.path, "--pass", spec, "-o", out, "--json", *shapes("2x16"))
+        assert rc == 0, err
+        onnx.checker.check_model(onnx.load(out), full_check=True)
+        assert _io(out) == _io(exp.path)
+        return json.loads(stdout)["passes"][0]
+
+    anchor = rewrite("neighborhood:kernel=512", tmp_path / "anchor.onnx")  # longer than any sequence used
+    assert len(anchor["rewritten"]) == len(exp.meta.sites)
+    lossy = rewrite("window:size=4", tmp_path / "window.onnx")
+    assert len(lossy["rewritten"]) == len(exp.meta.sites)
+    assert all(s["local"]["rel_l2"] > 1e-3 for s in lossy["sites"])
+    for length in ("1x5", "3x29"):  # other lengths than the calibration's, one shorter than the window
+        rc, stdout, err = run(capsys, "audit", exp.path, tmp_path / "anchor.onnx", "--json", *shapes(length))
+        assert rc == 0, err
+        metrics = json.loads(stdout)["model_metrics"].values()
+        assert all(m["max_abs"] <= 1e-5 for m in metrics), (length, metrics)
+    rc, stdout, err = run(capsys, "audit", exp.path, tmp_path / "window.onnx", "--json", *shapes("3x29"))
+    assert rc == 1, err  # audit's default budget (cosine>=0.999) is blown by a 4-token window
+    assert json.loads(stdout)["model_metrics"]["last_hidden_state"]["cosine"] < 0.999
+    dilated = rewrite("neighborhood:kernel=3,dilation=2", tmp_path / "dilated.onnx")
+    assert dilated["rewritten"] == [] and "static sequence length" in dilated["sites"][0]["reason"]

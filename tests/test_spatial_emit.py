@@ -312,3 +312,55 @@ def test_sites_share_tables_and_bad_inputs_are_refused():
     bad = ir.Value(name="b", shape=ir.Shape([1, 1, 5, 64]), type=ir.TensorType(ir.DataType.FLOAT))
     with pytest.raises(ValueError, match="must be 1 or 64"):
         E.emit_window(ir_tape.Tape(graph), *vals, scale=SCALE, bias=bad, grid=grid, prefix=0, size=2)
+
+
+# --- 1-D text, sequence length known only at run time ----------------------------------------------
+
+
+def _dynamic_length_session(window, mode, prefix, prefix_mode, bias_layout):
+    """One model with a symbolic token axis T; `bias_layout`: None, "key" [B,1,1,T] or "rows" [B,1,T,T]
+    (an expanded padding mask the pipeline has found to be the same for every query)."""
+    ty = ir.TensorType(ir.DataType.FLOAT)
+    qkv = [ir.Value(name=n, shape=ir.Shape(["B", 2, "T", 4]), type=ty) for n in "qkv"]
+    graph = ir.Graph(qkv, [], nodes=[], opset_imports={"": 17}, name="site")
+    bias = None
+    if bias_layout:
+        rows = 1 if bias_layout == "key" else "T"
+        bias = ir.Value(name="bias", shape=ir.Shape(["B", 1, rows, "T"]), type=ty)
+        graph.inputs.append(bias)
+    out = E.emit_sliding_1d(ir_tape.Tape(graph), *qkv, scale=SCALE, bias=bias, window=window, mode=mode, prefix=prefix,
+                            prefix_mode=prefix_mode, bias_per_key=bias_layout == "rows")
+    out.name = "out"
+    graph.outputs.append(out)
+    proto = ir.to_proto(ir.Model(graph, ir_version=10))
+    onnx.checker.check_model(proto, full_check=True)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("mode", ["centered", "block"])
+@pytest.mark.parametrize("window,prefix,prefix_mode,bias_layout", [
+    (5, 0, "global", "key"), (4, 1, "global", "rows"), (3, 2, "local", "key"), (8, 1, "global", None), (1, 0, "global", "key"),
+])
+def test_sliding_1d_dynamic_length(mode, window, prefix, prefix_mode, bias_layout):
+    """One graph serves every length: shorter than the window (full attention), exactly one window,
+    partial last blocks, long sequences; batch row 1 has its last two keys padded."""
+    sess = _dynamic_length_session(window, mode, prefix, prefix_mode, bias_layout)
+    rng = np.random.default_rng(window + prefix)
+    for n in sorted({prefix + 1, prefix + 2, prefix + window - 1, prefix + window, prefix + window + 1, prefix + 40}):
+        if n <= prefix:
+            continue
+        arrays = {"q": rng.standard_normal((3, 2, n, 4)) * 3, "k": rng.standard_normal((3, 2, n, 4)),
+                  "v": rng.standard_normal((3, 2, n, 4))}
+        arrays = {name: a.astype(np.float32) for name, a in arrays.items()}
+        key_bias = np.zeros((3, 1, 1, n), np.float32)
+        key_bias[1, ..., -min(2, n - 1):] = -1e9 if n > 1 else 0.0
+        if bias_layout:
+            arrays["bias"] = key_bias if bias_layout == "key" else np.repeat(key_bias, n, axis=2)
+        got = sess.run(None, arrays)[0]
+        allowed = R.allowed_sliding_1d(n, window, prefix, mode, prefix_mode)
+        want = R.masked_attention(arrays["q"], arrays["k"], arrays["v"], SCALE, allowed,
+                                  key_bias if bias_layout else None)
+        # a query whose every allowed key is padding has no defined answer (see the test above)
+        live = (allowed & (key_bias[1, 0, 0] == 0)[None, :]).any(-1) if bias_layout else np.ones(n, bool)
+        err = max(np.abs(got[[0, 2]] - want[[0, 2]]).max(), np.abs(got[1][:, live] - want[1][:, live]).max())
+        assert err <= TOL, f"T={n}: max abs error {err:.3g}"
