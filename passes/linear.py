@@ -23,33 +23,34 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.sdpa import const, reduce, softmax_attention
+from attnrewrite.passes.sdpa import const, float_type, reduce, softmax_attention
 from attnrewrite.registry import Param, positive_float, register
 from attnrewrite.site import AttentionSite
 
 
-def feature_map(t: ir_tape.Tape, x: ir.Value, phi: str) -> ir.Value:
-    """φ(x) ≥ 0 elementwise: elu(x)+1 or relu(x)."""
+def feature_map(t: ir_tape.Tape, x: ir.Value, phi: str, dtype=np.float32) -> ir.Value:
+    """φ(x) ≥ 0 elementwise: elu(x)+1 or relu(x); `dtype` is x's float type."""
     if phi == "elu1":
-        return t.op("Add", [t.op("Elu", [x], attributes={"alpha": 1.0}), const(t, 1.0, np.float32)])
+        return t.op("Add", [t.op("Elu", [x], attributes={"alpha": 1.0}), const(t, 1.0, dtype)])
     return t.op("Relu", [x])
 
 
 def linear_attention(
     t: ir_tape.Tape, graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, phi: str,
-    eps: float, key_weight: ir.Value | None = None,
+    eps: float, key_weight: ir.Value | None = None, dtype=None,
 ) -> ir.Value:
     """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`."""
-    root = const(t, math.sqrt(scale), np.float32)
-    fq = feature_map(t, t.op("Mul", [q, root]), phi)
-    fk = feature_map(t, t.op("Mul", [k, root]), phi)
+    dtype = dtype or float_type(q)  # a Q sliced on the tape has no type of its own
+    root = const(t, math.sqrt(scale), dtype)
+    fq = feature_map(t, t.op("Mul", [q, root]), phi, dtype)
+    fk = feature_map(t, t.op("Mul", [k, root]), phi, dtype)
     if key_weight is not None:
         fk = t.op("Mul", [fk, key_weight])
     kv = t.op("MatMul", [t.op("Transpose", [fk], attributes={"perm": [0, 1, 3, 2]}), v])  # [B,h,m,dv]
     z = reduce(t, graph, "ReduceSum", fk, [2])  # [B,h,1,m]
     numerator = t.op("MatMul", [fq, kv])  # [B,h,Nq,dv]
     denominator = t.op("MatMul", [fq, t.op("Transpose", [z], attributes={"perm": [0, 1, 3, 2]})])  # [B,h,Nq,1]
-    return t.op("Div", [numerator, t.op("Add", [denominator, const(t, eps, np.float32)])])
+    return t.op("Div", [numerator, t.op("Add", [denominator, const(t, eps, dtype)])])
 
 
 
@@ -157,23 +158,24 @@ class LinearPass:
             out = linear_attention(
                 t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
             )
-            return _corrected(t, out, options.get("fitted"))
+            return _corrected(t, out, options.get("fitted"), float_type(site.q))
         q_len = site.q_len if site.q_len is not None else np.iinfo(np.int64).max
         q_prefix = t.op("Slice", [site.q, const(t, [0]), const(t, [prefix]), const(t, [2])])
         q_grid = t.op("Slice", [site.q, const(t, [prefix]), const(t, [q_len]), const(t, [2])])
-        exact = softmax_attention(t, q_prefix, site.k, site.v, site.scale, site.bias)
+        exact = softmax_attention(t, q_prefix, site.k, site.v, site.scale, site.bias, float_type(site.q))
         lin = linear_attention(
-            t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
+            t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight,
+            dtype=float_type(site.q),
         )
-        return t.op("Concat", [exact, _corrected(t, lin, options.get("fitted"))], attributes={"axis": 2})
+        return t.op("Concat", [exact, _corrected(t, lin, options.get("fitted"), float_type(site.q))], attributes={"axis": 2})
 
 
-def _corrected(t: ir_tape.Tape, out: ir.Value, fitted: dict | None) -> ir.Value:
+def _corrected(t: ir_tape.Tape, out: ir.Value, fitted: dict | None, dtype) -> ir.Value:
     """O·R_h + b_h per head, with the fitted constants (identity when nothing was fitted)."""
     if not fitted:
         return out
-    r = t.op("Constant", [], attributes={"value": ir.tensor(fitted["R"][None])})  # [1, h, d, d]
-    b = t.op("Constant", [], attributes={"value": ir.tensor(fitted["b"][None])})  # [1, h, 1, d]
+    r = t.op("Constant", [], attributes={"value": ir.tensor(fitted["R"][None].astype(dtype))})  # [1, h, d, d]
+    b = t.op("Constant", [], attributes={"value": ir.tensor(fitted["b"][None].astype(dtype))})  # [1, h, 1, d]
     return t.op("Add", [t.op("MatMul", [out, r]), b])
 
 

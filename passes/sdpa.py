@@ -20,6 +20,11 @@ def const(t: ir_tape.Tape, array, dtype=np.int64) -> ir.Value:
     return t.op("Constant", [], attributes={"value": ir.tensor(np.asarray(array, dtype=dtype))})
 
 
+def float_type(value: ir.Value):
+    """The numpy float type a site computes in (constants must match it: ONNX does not promote)."""
+    return value.dtype.numpy() if value.dtype is not None and value.dtype.is_floating_point() else np.float32
+
+
 def reduce(t: ir_tape.Tape, graph: ir.Graph, op: str, x: ir.Value, axes: list[int], keepdims: int = 1) -> ir.Value:
     """Reduce* with axes as an input (opset ≥ 18; ReduceSum ≥ 13) or as an attribute (older)."""
     opset = graph.opset_imports.get("", 17)
@@ -28,10 +33,13 @@ def reduce(t: ir_tape.Tape, graph: ir.Graph, op: str, x: ir.Value, axes: list[in
     return t.op(op, [x], attributes={"axes": axes, "keepdims": keepdims})
 
 
-def softmax_attention(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, scale: float, bias: ir.Value | None) -> ir.Value:
-    """The plain-op form every lossless rewrite falls back to: Softmax(scale·Q·Kᵀ + bias)·V."""
+def softmax_attention(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, scale: float, bias: ir.Value | None,
+                      dtype=None) -> ir.Value:
+    """The plain-op form every lossless rewrite falls back to: Softmax(scale·Q·Kᵀ + bias)·V.
+
+    `dtype` is the float type of Q (default: read from `q`, which a value built on the tape lacks)."""
     kt = t.op("Transpose", [k], attributes={"perm": [0, 1, 3, 2]})
-    logits = t.op("MatMul", [t.op("Mul", [q, const(t, scale, np.float32)]), kt])
+    logits = t.op("MatMul", [t.op("Mul", [q, const(t, scale, dtype or float_type(q))]), kt])
     if bias is not None:
         logits = t.op("Add", [logits, bias])
     probs = t.op("Softmax", [logits], attributes={"axis": -1})

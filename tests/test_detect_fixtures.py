@@ -234,3 +234,21 @@ def test_dynamic_length_text_takes_sliding_windows(capsys, exported, exporter, t
     assert json.loads(stdout)["model_metrics"]["last_hidden_state"]["cosine"] < 0.999
     dilated = rewrite("neighborhood:kernel=3,dilation=2", tmp_path / "dilated.onnx")
     assert dilated["rewritten"] == [] and "static sequence length" in dilated["sites"][0]["reason"]
+
+
+def test_half_precision_export_is_found_and_rewritten(capsys, tmp_path):
+    """fp16 exports: verification allows fp16 rounding, and every pass emits fp16 constants."""
+    from tests.fixtures.export import export_model
+
+    built = FIXTURES["vit_manual_rect"].build()
+    path = export_model(built.model.half(), tuple(x.half() for x in built.inputs), tmp_path / "fp16.onnx",
+                        "torchscript17", built.input_names, built.output_names)
+    doc = analyze(path).to_json()
+    assert len(doc["sites"]) == len(built.meta.sites) and all(s["verified"] for s in doc["sites"]), doc["rejected"]
+    grid = built.meta.sites[0].grid
+    for spec in ("sdpa", "sdpa:fuse=ort", "linear:prefix=exact,fit=ridge", f"window:size={grid[0]}x{grid[1]}",
+                 "neighborhood:kernel=3", "halo:block=2,halo=1"):
+        p, out = _rewrite(capsys, path, tmp_path, spec)
+        assert len(p["rewritten"]) == len(built.meta.sites), (spec, p["sites"])
+        if spec.startswith("sdpa") or spec.startswith("window"):
+            assert all(m["cosine"] > 0.9999 for m in p["metrics_vs_original"].values()), spec
