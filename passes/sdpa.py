@@ -46,14 +46,23 @@ def softmax_attention(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, sc
     return t.op("MatMul", [probs, v])
 
 
-def bias_as_4d(t: ir_tape.Tape, bias: ir.Value, q_len: int | None, kv_len: int | None) -> ir.Value:
-    """Fused ops want a rank-4 bias `[B|1, h|1, Nq, Nk]` with full query and key axes."""
+def bias_as_4d(t: ir_tape.Tape, bias: ir.Value, q: ir.Value, k: ir.Value) -> ir.Value:
+    """Fused ops want a rank-4 bias `[B|1, h|1, Nq, Nk]` with full query and key axes.
+
+    A padding mask `[B, 1, 1, Nk]` is expanded to the token counts of Q and K: constants when they
+    are static, read from Q and K at run time when the sequence axis is dynamic."""
     rank = len(bias.shape) if bias.shape is not None else 4
+    dims = [1] * (4 - rank) + (list(bias.shape) if bias.shape is not None else [None] * 4)
     if rank < 4:
         bias = t.op("Unsqueeze", [bias, const(t, list(range(4 - rank)))])
-    dims = list(bias.shape) if bias.shape is not None else [None] * 4
-    if (dims[2] == 1 or dims[3] == 1) and q_len and kv_len:
-        bias = t.op("Expand", [bias, const(t, [1, 1, q_len, kv_len])])
+    if dims[2] == 1 or dims[3] == 1:
+        q_len, kv_len = (x.shape[2] if x.shape is not None and len(x.shape) == 4 else None for x in (q, k))
+        if isinstance(q_len, int) and isinstance(kv_len, int):
+            target = const(t, [1, 1, q_len, kv_len])
+        else:
+            lengths = [t.op("Shape", [x], attributes={"start": 2, "end": 3}) for x in (q, k)]
+            target = t.op("Concat", [const(t, [1, 1]), *lengths], attributes={"axis": 0})
+        bias = t.op("Expand", [bias, target])
     return bias
 
 
@@ -85,7 +94,7 @@ class SdpaPass:
         if fuse == "onnx":
             inputs = [site.q, site.k, site.v]
             if site.bias is not None:
-                inputs.append(bias_as_4d(t, site.bias, site.q_len, site.kv_len))
+                inputs.append(bias_as_4d(t, site.bias, site.q, site.k))
             return t.op("Attention", inputs, attributes={"scale": float(site.scale)})
         if fuse == "ort":
             return _ort_mha(t, site)
@@ -114,7 +123,7 @@ def _ort_mha(t: ir_tape.Tape, site: AttentionSite) -> ir.Value:
         bias = site.bias
         if folded and bias.shape is not None and len(bias.shape) == 4 and bias.shape[0] != 1:
             bias = _unfold_heads(t, bias, h)
-        inputs += [None, None, bias_as_4d(t, bias, site.q_len, site.kv_len)]
+        inputs += [None, None, bias_as_4d(t, bias, q4, k4)]
     out = t.op("MultiHeadAttention", inputs, attributes={"num_heads": h, "scale": float(site.scale)}, domain="com.microsoft")
     # back to [B, h, N, dv]; the model's own head merge follows and onnxruntime cancels the transposes
     bhnd = t.op("Transpose", [t.op("Reshape", [out, const(t, [0, 0, h, dv])])], attributes={"perm": [0, 2, 1, 3]})

@@ -124,7 +124,16 @@ def _gather_limits(graph: onnx.GraphProto) -> dict[str, int]:
                     if shape and -len(shape) <= axis < len(shape):
                         rows = int(shape[axis])
                         limits[inp.name] = min(rows, limits.get(inp.name, rows))
+                elif node.op_type == "EmbedLayerNormalization":  # ORT's fused BERT embedding
+                    for pos, table in _FUSED_EMBEDDING_TABLES.items():
+                        shape = tables.get(node.input[table]) if len(node.input) > table else None
+                        if len(node.input) > pos and node.input[pos] == value and shape:
+                            limits[inp.name] = min(int(shape[0]), limits.get(inp.name, int(shape[0])))
     return limits
+
+
+#: EmbedLayerNormalization: ids input position → position of the table it indexes (word, segment, position).
+_FUSED_EMBEDDING_TABLES = {0: 2, 1: 4, 8: 3}
 
 
 def parse_shape_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:

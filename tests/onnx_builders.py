@@ -115,4 +115,18 @@ def ms_multihead_attention(n=6, heads=2, d=4):
                   [f32("o", [1, n, hidden])], extra_opsets=[("com.microsoft", 1)])
 
 
+def ms_packed_attention(mask: str, n=6, heads=2, d=4, batch=3, seed=0):
+    """com.microsoft Attention (packed QKV weights) with a mask_index: "end" = [B] end positions,
+    "raw" = [B, N] 0/1 mask, "raw3" = [B, N, N]; the op's own kernel defines what they mean."""
+    rng = np.random.default_rng(seed)
+    hidden = heads * d
+    shape = {"end": [batch], "raw": [batch, n], "raw3": [batch, n, n]}[mask]
+    node = helper.make_node("Attention", ["x", "W", "b", "mask"], ["o"], domain="com.microsoft", num_heads=heads,
+                            mask_filter_value=-5000.0)
+    return _model([node], [f32("x", [batch, n, hidden]), helper.make_tensor_value_info("mask", TensorProto.INT32, shape)],
+                  [f32("o", [batch, n, hidden])],
+                  [init("W", rng.standard_normal((hidden, 3 * hidden))), init("b", rng.standard_normal(3 * hidden))],
+                  extra_opsets=[("com.microsoft", 1)])
+
+
 tiny_vit = synthetic_vit

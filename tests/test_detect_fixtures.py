@@ -252,3 +252,42 @@ def test_half_precision_export_is_found_and_rewritten(capsys, tmp_path):
         assert len(p["rewritten"]) == len(built.meta.sites), (spec, p["sites"])
         if spec.startswith("sdpa") or spec.startswith("window"):
             assert all(m["cosine"] > 0.9999 for m in p["metrics_vs_original"].values()), spec
+
+
+def test_ort_transformer_optimizer_output(capsys, tmp_path):
+    """What deployment pipelines hand us after `onnxruntime.transformers.optimizer`: contrib Attention with
+    packed QKV weights, fed a mask_index (end positions) by EmbedLayerNormalization, no shape information."""
+    import transformers as tf
+    from onnxruntime.transformers import optimizer
+
+    from tests.fixtures.export import export_model
+    from tests.fixtures.hf import Outputs, padded_text_inputs
+    from tests.fixtures.spec import seeded
+
+    heads, hidden, layers = 4, 64, 2
+    cfg = tf.BertConfig(vocab_size=200, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=128)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    names = ["input_ids", "attention_mask"]
+    model = Outputs(tf.BertModel(cfg), names, ["last_hidden_state"]).eval()
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    exported_path = export_model(model, padded_text_inputs(cfg.vocab_size, seeded(0)), tmp_path / "bert.onnx",
+                                 "torchscript17", names, ["last_hidden_state"], axes)
+    optimized = optimizer.optimize_model(str(exported_path), model_type="bert", num_heads=heads, hidden_size=hidden)
+    path = tmp_path / "bert_ort.onnx"
+    optimized.save_model_to_file(str(path))
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"Attention", "EmbedLayerNormalization"} <= ops and "Softmax" not in ops, ops
+    doc = analyze(path).to_json()
+    assert len(doc["sites"]) == layers, doc["rejected"]
+    assert all(s["op"] == "com.microsoft.Attention" and s["bias"] == "input" and s["verified"] for s in doc["sites"])
+    shapes = [arg for name in names for arg in ("--shape", f"{name}=2x16")]
+    for spec, exact in (("sdpa", True), ("sdpa:fuse=ort", True), ("neighborhood:kernel=64", True), ("window:size=4", False)):
+        out = tmp_path / "o.onnx"
+        rc, stdout, err = run(capsys, path, "--pass", spec, "-o", out, "--force", "--json", *shapes)
+        assert rc == 0, (spec, err)
+        p = json.loads(stdout)["passes"][0]
+        assert len(p["rewritten"]) == layers, (spec, p["sites"])
+        worst = max(m["max_abs"] for m in p["metrics_vs_original"].values())
+        assert (worst <= 1e-5) if exact else (worst > 1e-3), (spec, worst)

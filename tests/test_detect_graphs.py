@@ -70,6 +70,16 @@ def test_ms_multihead_attention(tmp_path):
     assert site.verified
 
 
+@pytest.mark.parametrize("mask", ["end", "raw", "raw3"])
+def test_contrib_attention_mask_index_becomes_a_bias(tmp_path, mask):
+    """Verification runs ORT's own contrib kernel on random masks (0/1 values, end positions 0/1) and
+    compares with softmax(scale·QKᵀ + bias)·V: the bias we derive must mean what mask_index means."""
+    a = _analyze(tmp_path, B.ms_packed_attention(mask))
+    (site,) = a.sites
+    assert site.op == "com.microsoft.Attention" and site.bias_kind == "input" and site.verified
+    assert site.bias_per_key == (mask != "raw3")
+
+
 def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
     """If detection misread the scale, the numerical check must reject the site, never pass it."""
     from attnrewrite import detect as D
