@@ -540,20 +540,21 @@ def _from_onnx_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     bias, kind = None, "none"
     causal = attrs["is_causal"].value if "is_causal" in attrs else 0
+    dtype = q.dtype or ir.DataType.FLOAT
     if mask is not None:
-        bias = _mask_to_bias(graph, mask)
+        bias = _mask_to_bias(graph, mask, dtype)
         kind = "constant" if is_constant(mask) else "input"
         if kind == "constant":
             arr = context.evaluate_constant(bias)
-            if arr is not None and not np.any(arr):
-                bias, kind = None, "none"
+            if arr is not None and (arr.ndim == 0 or np.all(arr == arr[..., :1])):
+                bias, kind = None, "none"  # zero, or a shift softmax ignores
             elif arr is not None:
                 bias = add_constant(graph, arr, "bias_const")
     if causal:
         qd, kd = dims(q4), dims(k4)
         if qd[2] is None or kd[2] is None:
             raise Reject("causal Attention with dynamic length is not rewritten", node)
-        causal_bias = np.triu(np.full((qd[2], kd[2]), -np.inf, np.float32), 1)
+        causal_bias = np.triu(np.full((qd[2], kd[2]), -np.inf, dtype.numpy()), 1)
         c = add_constant(graph, causal_bias, "causal")
         bias = c if bias is None else add_node(graph, "Add", [bias, c], name="bias")
         kind = "input" if kind == "input" else "constant"
@@ -562,16 +563,19 @@ def _from_onnx_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
         id="", op="Attention", anchor=node, q=q4, k=k4, v=v4, output=node.outputs[0], num_heads=heads,
         head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=float(scale), bias=bias, bias_kind=kind,
         kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
-        nodes=[node], output_layout=layout,
+        nodes=[node], output_layout=layout, bias_per_key=bias is None or query_invariant(bias),
     )
 
 
-def _mask_to_bias(graph: ir.Graph, mask: ir.Value) -> ir.Value:
-    if mask.dtype == ir.DataType.BOOL:
-        zero = add_constant(graph, np.zeros((), np.float32), "zero")
-        neg = add_constant(graph, np.array(-np.inf, np.float32), "neg_inf")
-        return add_node(graph, "Where", [mask, zero, neg], name="mask_bias")
-    return mask
+def _mask_to_bias(graph: ir.Graph, mask: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """ONNX Attention's boolean `attn_mask` (True = attend) as an additive bias in the site's float type."""
+    if mask.dtype != ir.DataType.BOOL:
+        return mask
+    zero = add_constant(graph, np.zeros((), dtype.numpy()), "zero")
+    neg = add_constant(graph, np.array(-np.inf, dtype.numpy()), "neg_inf")
+    bias = add_node(graph, "Where", [mask, zero, neg], name="mask_bias")
+    bias.type, bias.shape = ir.TensorType(dtype), mask.shape
+    return bias
 
 
 def _split_heads(graph: ir.Graph, x: ir.Value, heads: int) -> ir.Value:

@@ -144,6 +144,18 @@ def test_vision_exports_take_spatial_passes(capsys, exported, name, exporter, tm
         assert all(s["local"]["rel_l2"] > 1e-4 for s in lossy["sites"]), spec  # sharpened: sparsity shows
 
 
+@pytest.mark.parametrize("name", ["vit_fused", "hf_vit_sdpa", "minilm"])
+def test_onnx_attention_op_sites_take_every_pass_family(capsys, exported, name, tmp_path):
+    """Opset-23 exports turn SDPA into the ONNX Attention op: unmasked sites count as per-key (linear
+    applies) and a boolean mask becomes a typed, shaped bias the spatial passes can lay out."""
+    exp = exported(name, "dynamo23")
+    assert "Attention" in {n.op_type for n in onnx.load(exp.path).graph.node}
+    lossy = "window:size=4" if exp.meta.sites[0].grid is None else "neighborhood:kernel=3"
+    for spec in ("linear", lossy):
+        p, _ = _rewrite(capsys, exp.path, tmp_path, spec)
+        assert len(p["rewritten"]) == len(exp.meta.sites), (spec, p["sites"])
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", ["hf_swin", "hf_swinv2"])
 def test_swin_is_narrowed_or_left_alone(capsys, exported, name, exporter, tmp_path):
@@ -204,7 +216,7 @@ def test_dynamic_batch_torchscript_shape_chains_resolve(capsys, tmp_path):
     assert p["rewritten"] == ["attn_0"]
 
 
-@pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
+@pytest.mark.parametrize("exporter", EXPORTERS)  # dynamo23: the ONNX Attention op with a boolean mask
 def test_dynamic_length_text_takes_sliding_windows(capsys, exported, exporter, tmp_path):
     """Text exports keep the sequence axis symbolic; the rewritten graph must serve every length."""
     exp = exported("minilm_dynamic", exporter)
