@@ -103,6 +103,11 @@ def infer_static_dims(model: ir.Model) -> int:
     every shape chain but costs a pass over the graph.
     """
     proto = ir.serde.serialize_model(model)
+    if any(node.domain == "com.microsoft" for node in proto.graph.node):
+        try:
+            _fill_missing_types(model, _infer_shapes(onnx.ModelProto.FromString(proto.SerializeToString())))
+        except Exception:  # noqa: BLE001 - types stay unknown; detection says so per site
+            pass
     dynamic = [
         (inp, i) for inp in proto.graph.input for i, d in enumerate(inp.type.tensor_type.shape.dim)
         if not d.HasField("dim_value")
@@ -124,13 +129,40 @@ def _with_sizes(proto: onnx.ModelProto, dynamic: list, size: int) -> onnx.ModelP
 
 def _propagated_shapes(proto: onnx.ModelProto, dynamic: list, size: int) -> dict[str, list] | None:
     try:
-        inferred = onnx.shape_inference.infer_shapes(_with_sizes(proto, dynamic, size), data_prop=True)
+        inferred = _infer_shapes(_with_sizes(proto, dynamic, size))
     except Exception:  # noqa: BLE001 - inference is best effort
         return None
     return {
         vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")
     }
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, or onnxruntime's symbolic inference for graphs with com.microsoft ops.
+
+    ONNX inference knows no contrib op, so after ORT's transformer optimizer (SkipLayerNormalization,
+    FastGelu, BiasGelu…) every value downstream of the first fused op would lose its shape, and with
+    it the heads and token counts of every later attention site. ORT's own inference knows them.
+    """
+    if any(node.domain == "com.microsoft" for node in proto.graph.node):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        try:
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+        except Exception:  # noqa: BLE001 - fall back to ONNX inference, which covers the standard ops
+            pass
+    return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+
+
+def _fill_missing_types(model: ir.Model, inferred: onnx.ModelProto) -> None:
+    """Element types for values ONNX inference could not type (outputs of contrib ops)."""
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    for node in model.graph:
+        for value in node.outputs:
+            elem = types.get(value.name)
+            if value.type is None and elem:
+                value.type = ir.TensorType(ir.DataType(elem))
 
 
 def _folded_shapes(proto: onnx.ModelProto, dynamic: list, size: int) -> dict[str, list] | None:

@@ -303,3 +303,24 @@ def test_ort_transformer_optimizer_output(capsys, tmp_path):
         assert len(p["rewritten"]) == layers, (spec, p["sites"])
         worst = max(m["max_abs"] for m in p["metrics_vs_original"].values())
         assert (worst <= 1e-5) if exact else (worst > 1e-3), (spec, worst)
+
+
+@pytest.mark.parametrize("name,model_type", [("hf_vit", "vit"), ("hf_deit", "vit"), ("hf_clip_vision", "clip"), ("hf_bert", "bert")])
+def test_sites_survive_ort_fused_layernorm_and_gelu(exported, name, model_type, tmp_path):
+    """ORT's optimizer often fuses LayerNorm/GELU (contrib ops ONNX shape inference does not know) but
+    leaves attention as MatMul/Softmax: every later site must still be read in full."""
+    from onnxruntime.transformers import optimizer
+
+    exp = exported(name, "torchscript17")
+    site = exp.meta.sites[0]
+    optimized = optimizer.optimize_model(str(exp.path), model_type=model_type, num_heads=site.num_heads,
+                                         hidden_size=site.num_heads * site.head_dim)
+    path = tmp_path / "optimized.onnx"
+    optimized.save_model_to_file(str(path))
+    graph = onnx.load(path).graph
+    assert any(n.domain == "com.microsoft" for n in graph.node)
+    doc = analyze(path).to_json()
+    assert len(doc["sites"]) == len(exp.meta.sites), doc["rejected"]
+    for got, meta in zip(doc["sites"], exp.meta.sites):
+        want = meta.to_json()
+        assert {f: got[f] for f in FIELDS} == {f: want[f] for f in FIELDS}, got["id"]
