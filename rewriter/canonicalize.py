@@ -19,6 +19,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import _constant_folding
 
+from attnrewrite.patterns import fuse_spelled_out_softmax
+
 logger = logging.getLogger(__name__)
 
 #: Results of at most this many elements become constants (shape vectors, scales, small masks).
@@ -51,11 +53,10 @@ def _canonicalize(model: ir.Model) -> ir.Model:
     common_passes.InlinePass()(model)
     infer_static_dims(model)
     fold_shape_chains(model.graph)
-    ir.passes.Sequential(
-        _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20,
-                                            should_fold=reproducible_fold),
-        common_passes.RemoveUnusedNodesPass(),
-    )(model)
+    _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20,
+                                        should_fold=reproducible_fold)(model)
+    fuse_spelled_out_softmax(model.graph)  # after folding: its axes inputs are constants by now
+    common_passes.RemoveUnusedNodesPass()(model)
     common_passes.TopologicalSortPass()(model)
     return model
 

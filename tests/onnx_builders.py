@@ -129,4 +129,28 @@ def ms_packed_attention(mask: str, n=6, heads=2, d=4, batch=3, seed=0):
                   extra_opsets=[("com.microsoft", 1)])
 
 
+def spelled_out_softmax_attention(stable=True, opset=17, axis=-1, as_output=False, n=6, heads=2, d=4):
+    """softmax written as Exp(x − ReduceMax x) / ReduceSum(Exp …) (ORT's fp16 CPU inlining, converters).
+
+    `axis` is the reduction axis (-1 is softmax; -2 is not); `as_output` makes the normalised weights
+    the model output (a classifier-like softmax, not attention)."""
+    rng = np.random.default_rng(0)
+    def reduce(op, x, out):
+        if opset >= 18 or op == "ReduceSum":
+            return helper.make_node(op, [x, "ax"], [out], keepdims=1)
+        return helper.make_node(op, [x], [out], keepdims=1, axes=[axis])
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Mul", ["s", "scale"], ["x"])]
+    if stable:
+        nodes += [reduce("ReduceMax", "x", "m"), helper.make_node("Sub", ["x", "m"], ["xs"])]
+    nodes += [helper.make_node("Exp", ["xs" if stable else "x"], ["e"]), reduce("ReduceSum", "e", "z"),
+              helper.make_node("Div", ["e", "z"], ["p"])]
+    inits = [init("scale", 0.5), numpy_helper.from_array(np.array([axis], np.int64), "ax")]
+    inputs = [f32("q", [1, heads, n, d]), f32("k", [1, heads, n, d]), f32("v", [1, heads, n, d])]
+    if as_output:
+        return _model(nodes, inputs, [f32("p", [1, heads, n, n])], inits, opset=opset)
+    nodes.append(helper.make_node("MatMul", ["p", "v"], ["o"]))
+    return _model(nodes, inputs, [f32("o", [1, heads, n, d])], inits, opset=opset)
+
+
 tiny_vit = synthetic_vit

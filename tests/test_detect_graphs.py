@@ -80,6 +80,34 @@ def test_contrib_attention_mask_index_becomes_a_bias(tmp_path, mask):
     assert site.bias_per_key == (mask != "raw3")
 
 
+@pytest.mark.parametrize("stable", [True, False])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_spelled_out_softmax_is_attention(tmp_path, stable, opset):
+    from attnrewrite.canonicalize import canonicalize
+    from attnrewrite.modelio import load_model
+    from tests.conftest import ort_run
+
+    model = B.spelled_out_softmax_attention(stable=stable, opset=opset)
+    a = _analyze(tmp_path, model)
+    (site,) = a.sites
+    assert site.op == "Softmax" and site.verified and site.scale == pytest.approx(0.5)
+    # canonicalisation replaced the formula by one Softmax without moving the output
+    import onnx_ir as ir
+
+    out = tmp_path / "canonical.onnx"
+    onnx.save(ir.serde.serialize_model(canonicalize(load_model(tmp_path / "m.onnx"))), out)
+    assert [n.op_type for n in onnx.load(out).graph.node].count("Softmax") == 1
+    rng = np.random.default_rng(1)
+    feeds = {name: rng.standard_normal((1, 2, 6, 4)).astype(np.float32) for name in "qkv"}
+    np.testing.assert_allclose(ort_run(out, feeds)["o"], ort_run(tmp_path / "m.onnx", feeds)["o"], atol=1e-6)
+
+
+def test_spelled_out_softmax_over_another_axis_or_as_output_is_not_attention(tmp_path):
+    assert _analyze(tmp_path, B.spelled_out_softmax_attention(axis=-2)).sites == []
+    a = _analyze(tmp_path, B.spelled_out_softmax_attention(as_output=True))
+    assert a.sites == [] and "model output" in a.detection.rejected[0].reason
+
+
 def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
     """If detection misread the scale, the numerical check must reject the site, never pass it."""
     from attnrewrite import detect as D
