@@ -553,11 +553,12 @@ def _from_onnx_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
     if causal:
         qd, kd = dims(q4), dims(k4)
         if qd[2] is None or kd[2] is None:
-            raise Reject("causal Attention with dynamic length is not rewritten", node)
-        causal_bias = np.triu(np.full((qd[2], kd[2]), -np.inf, dtype.numpy()), 1)
-        c = add_constant(graph, causal_bias, "causal")
+            c = _dynamic_causal_bias(graph, q4, k4, dtype)
+            kind = "input"  # built from the run-time lengths
+        else:
+            c = add_constant(graph, np.triu(np.full((qd[2], kd[2]), -np.inf, dtype.numpy()), 1), "causal")
+            kind = "input" if kind == "input" else "constant"
         bias = c if bias is None else add_node(graph, "Add", [bias, c], name="bias")
-        kind = "input" if kind == "input" else "constant"
     qd, kd = dims(q4), dims(k4)
     return AttentionSite(
         id="", op="Attention", anchor=node, q=q4, k=k4, v=v4, output=node.outputs[0], num_heads=heads,
@@ -565,6 +566,20 @@ def _from_onnx_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
         kind="self", instances=1, window=None, grid=None, prefix_tokens=None, rotary=False,
         nodes=[node], output_layout=layout, bias_per_key=bias is None or query_invariant(bias),
     )
+
+
+def _dynamic_causal_bias(graph: ir.Graph, q4: ir.Value, k4: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """`is_causal` for lengths known only at run time: −inf above the diagonal of `[Nq, Nk]`
+    (upper-left aligned, as the static form and onnxruntime's Attention kernel)."""
+    lengths = [add_node(graph, "Shape", [x], {"start": 2, "end": 3}, name="causal_len") for x in (q4, k4)]
+    shape = add_node(graph, "Concat", lengths, {"axis": 0}, name="causal_shape")
+    ones = add_node(graph, "ConstantOfShape", [shape], {"value": ir.tensor(np.array([1], np.int32))}, name="causal")
+    future = add_node(graph, "Cast", [add_node(graph, "Trilu", [ones, add_constant(graph, np.array(1, np.int64), "k")],
+                                               {"upper": 1}, name="causal")], {"to": ir.DataType.BOOL}, name="causal")
+    bias = add_node(graph, "Where", [future, add_constant(graph, np.array(-np.inf, dtype.numpy()), "neg_inf"),
+                                     add_constant(graph, np.zeros((), dtype.numpy()), "zero")], name="causal_bias")
+    bias.type, bias.shape = ir.TensorType(dtype), ir.Shape([q4.shape[2], k4.shape[2]])
+    return bias
 
 
 def _mask_to_bias(graph: ir.Graph, mask: ir.Value, dtype: ir.DataType) -> ir.Value:

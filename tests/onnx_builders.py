@@ -98,14 +98,16 @@ def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, pro
     return _model(nodes, inputs, [f32("o", [1, heads, n, d])], inits, opset=opset)
 
 
-def onnx_attention_op(n=6, heads=2, d=4, with_mask=False):
-    inputs = [f32("q", [1, heads, n, d]), f32("k", [1, heads, n, d]), f32("v", [1, heads, n, d])]
+def onnx_attention_op(n=6, heads=2, d=4, with_mask=False, causal=False, dynamic=False):
+    """ONNX Attention (opset 23); `dynamic` makes the token axis symbolic ("T")."""
+    t = "T" if dynamic else n
+    inputs = [f32("q", [1, heads, t, d]), f32("k", [1, heads, t, d]), f32("v", [1, heads, t, d])]
     names = ["q", "k", "v"]
     if with_mask:
-        inputs.append(helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 1, n, n]))
+        inputs.append(helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 1, t, t]))
         names.append("m")
-    node = helper.make_node("Attention", names, ["o"], scale=0.3)
-    return _model([node], inputs, [f32("o", [1, heads, n, d])], opset=23)
+    node = helper.make_node("Attention", names, ["o"], scale=0.3, is_causal=int(causal))
+    return _model([node], inputs, [f32("o", [1, heads, t, d])], opset=23)
 
 
 def ms_multihead_attention(n=6, heads=2, d=4):

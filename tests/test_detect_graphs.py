@@ -62,6 +62,16 @@ def test_onnx_attention_op(tmp_path):
     assert site.verified
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_causal_onnx_attention(tmp_path, dynamic):
+    """is_causal becomes a bias (built from the run-time lengths when they are symbolic); verification
+    compares it with onnxruntime's own causal kernel."""
+    a = _analyze(tmp_path, B.onnx_attention_op(causal=True, dynamic=dynamic))
+    (site,) = a.sites
+    assert site.verified and site.bias is not None and not site.bias_per_key
+    assert site.bias_kind == ("input" if dynamic else "constant")
+
+
 def test_ms_multihead_attention(tmp_path):
     a = _analyze(tmp_path, B.ms_multihead_attention())
     (site,) = a.sites
