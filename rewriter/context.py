@@ -27,13 +27,14 @@ _PROJECTION_OPS = {
 #: in Swin V2 and cosine attention, RMSNorm chains).
 _ELEMENTWISE_OPS = {
     "Sqrt", "Pow", "Reciprocal", "Clip", "Max", "Min", "Abs", "Exp", "Sigmoid", "Tanh", "Erf", "Relu",
+    "QuantizeLinear", "DequantizeLinear",  # QDQ models' fake quantisation
 }
 #: Reductions that stay inside one token when they reduce only the last (feature) axis.
 _FEATURE_REDUCTIONS = {"ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax", "LpNormalization"}
 #: For these, only the first input carries data (the rest are shapes, indices, axes, exponents).
 _DATA_INPUT_ONLY = {
     "Reshape", "Expand", "Slice", "Gather", "Unsqueeze", "Squeeze", "Tile", "Split", "Pow", "Clip",
-    *_FEATURE_REDUCTIONS,
+    "QuantizeLinear", "DequantizeLinear", *_FEATURE_REDUCTIONS,
 }
 _CONST = object()
 #: Most prefix tokens we accept (CLS + distillation + registers are at most a handful).

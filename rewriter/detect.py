@@ -34,7 +34,9 @@ from attnrewrite.graphutil import (
 from attnrewrite.site import AttentionSite, Rejection
 
 #: Ops allowed between Softmax and the value MatMul (they keep the weights' meaning).
-_PROBS_PASSTHROUGH = {"Cast", "Identity", "Dropout"}
+_PROBS_PASSTHROUGH = {"Cast", "Identity", "Dropout", "QuantizeLinear", "DequantizeLinear"}
+#: Fake quantisation (QDQ models): value-preserving up to rounding, so detection looks through it.
+_FAKE_QUANT = ("QuantizeLinear", "DequantizeLinear")
 #: Longest logits chain we follow before giving up (real exports use ≤ 8).
 _MAX_CHAIN = 16
 
@@ -166,6 +168,8 @@ def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Attent
     )
     if row_factors:
         site.notes.append("per-head logit scale (e.g. Swin V2's cosine-attention temperature) folded into Q")
+    if any(n.op_type in _FAKE_QUANT for n in covered):
+        site.notes.append("logits or weights are fake-quantised (QDQ); a rewrite computes them in float")
     return site
 
 
@@ -189,7 +193,7 @@ def _heads_view(graph: ir.Graph, x: ir.Value) -> ir.Value:
 def _find_value_matmul(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
     value = softmax.outputs[0]
     passed: list[ir.Node] = []
-    for _ in range(4):
+    for _ in range(6):
         users = value.consumers()
         mm = [u for u in users if u.op_type in ("MatMul", "Einsum") and len(u.inputs) == 2 and u.inputs[0] is value]
         if mm:
@@ -241,15 +245,15 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
                 raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", node)
             chain.reverse()
             return chain, node, scale, row_factors
-        if op in ("Cast", "Identity", "Reshape"):
+        if op in ("Cast", "Identity", "Reshape", *_FAKE_QUANT):
             if op == "Reshape" and row_factors:
                 raise Reject("per-head logit scale is applied after the logits were reshaped", node)
             nxt = node.inputs[0]
         elif op in ("Mul", "Div"):
-            factor = scalar_constant(node.inputs[1])
+            factor = _scalar(node.inputs[1], const_memo)
             nxt = node.inputs[0]
             if factor is None and op == "Mul":
-                factor = scalar_constant(node.inputs[0])
+                factor = _scalar(node.inputs[0], const_memo)
                 nxt = node.inputs[1]
             if factor is None:
                 rows, nxt = _row_factor(node, const_memo)
@@ -267,6 +271,16 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
         chain.append(node)
         value = nxt
     raise Reject("logits chain longer than the detector follows")
+
+
+def _scalar(value: ir.Value | None, const_memo: dict) -> float | None:
+    """A one-element constant's number, also when it is computed (QDQ models quantise the scale:
+    `DequantizeLinear(int8 constant)`, which the folder leaves in place)."""
+    number = scalar_constant(value)
+    if number is not None or value is None or value.producer() is None or not is_constant(value, const_memo):
+        return number
+    arr = context.evaluate_constant(value)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
 def _row_factor(node: ir.Node, const_memo: dict) -> tuple[np.ndarray | None, ir.Value]:
@@ -325,6 +339,7 @@ def _reaches_qk(value: ir.Value, const_memo: dict, depth: int = 0) -> bool:
         return len(node.inputs) == 2 and not is_constant(node.inputs[1], const_memo)
     operands = {
         "Cast": (0,), "Identity": (0,), "Reshape": (0,), "Div": (0,), "Sub": (0,),
+        "QuantizeLinear": (0,), "DequantizeLinear": (0,),
         "Mul": (0, 1), "Add": (0, 1), "Where": (1, 2),
     }.get(op, ())
     return any(
@@ -362,6 +377,11 @@ def _peel_key(value: ir.Value) -> tuple[ir.Value, float, list[int], list[ir.Node
         factor *= f
         nodes += scal
         node = base.producer()
+        if node is not None and node.op_type == "DequantizeLinear" and producer_op(node.inputs[0]) == "QuantizeLinear":
+            quant = node.inputs[0].producer()  # QDQ models quantise Kᵀ: the key is what went in
+            nodes += [node, quant]
+            value = quant.inputs[0]
+            continue
         if node is None or node.op_type != "Transpose":
             return base, factor, perm, nodes
         inner = list(node.attributes["perm"].value) if "perm" in node.attributes else list(reversed(range(rank)))
