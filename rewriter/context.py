@@ -91,7 +91,9 @@ def token_source(value: ir.Value, memo: dict, const_memo: dict, depth: int = 0):
         for s in (token_source(i, memo, const_memo, depth + 1) for i in inputs if i is not None)
         if s is not _CONST
     }
-    result = _CONST if not found else next(iter(found.values())) if len(found) == 1 else value
+    # nothing dynamic came through the data inputs, yet the value is not constant: the tokens start
+    # here (an embedding Gather of token ids, whose table is the "data" input)
+    result = value if not found else next(iter(found.values())) if len(found) == 1 else value
     memo[value] = result
     return result
 

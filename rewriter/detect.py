@@ -106,7 +106,8 @@ def detect(model: ir.Model, *, verify_sites: bool = True) -> Detection:
 def _from_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> AttentionSite:
     logits = softmax.inputs[0]
     rank = len(logits.shape) if logits.shape is not None else None
-    axis = softmax.attributes["axis"].value if "axis" in softmax.attributes else -1
+    default_axis = 1 if graph.opset_imports.get("", 13) < 13 else -1  # before opset 13: flatten from axis 1
+    axis = softmax.attributes["axis"].value if "axis" in softmax.attributes else default_axis
     if rank is not None and axis not in (-1, rank - 1):
         raise Reject(f"softmax over axis {axis}, not the last (key) axis")
     chain, qk, scale, row_factors = _logits_chain(logits, const_memo)

@@ -357,3 +357,25 @@ def test_qdq_quantised_model_is_read_and_audited(capsys, exported, name, tmp_pat
     report = json.loads(stdout)
     assert len(report["sites"]) == len(exp.meta.sites)
     assert all(0.0 < s["cosine"] < 0.9999 for s in report["sites"])  # per-site drift is measured
+
+
+@pytest.mark.parametrize("name", ["hf_bert", "hf_vit", "vit_manual_rect"])  # SDPA needs opset 14
+def test_opset_11_exports(capsys, name, tmp_path):
+    """Older deployments ship opset 11/12: LayerNorm spelled out, Softmax with pre-13 semantics. Sites must
+    read the same as at opset 17, and a rewrite must produce a valid model at the model's own opset."""
+    import warnings
+
+    built = FIXTURES[name].build()
+    path = tmp_path / "op11.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(built.model.eval(), built.inputs, str(path), dynamo=False, opset_version=11,
+                          input_names=built.input_names, output_names=built.output_names)
+    doc = analyze(path).to_json()
+    assert len(doc["sites"]) == len(built.meta.sites), doc["rejected"]
+    for got, meta in zip(doc["sites"], built.meta.sites):
+        want = meta.to_json()
+        assert {f: got[f] for f in FIELDS} == {f: want[f] for f in FIELDS}, got["id"]
+    spec = "window:size=4" if built.meta.sites[0].grid is None else "neighborhood:kernel=3"
+    p, _ = _rewrite(capsys, path, tmp_path, spec)
+    assert len(p["rewritten"]) == len(built.meta.sites)
