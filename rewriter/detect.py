@@ -635,8 +635,9 @@ def _from_ms_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
     if node.op_type == "MultiHeadAttention":
         ins = list(node.inputs) + [None] * 8
         q, k, v, proj_bias, kpm, attn_bias = ins[:6]
-        if any(i is not None for i in ins[6:8]) or kpm is not None:
-            raise Reject("MultiHeadAttention with key padding mask or KV cache is not rewritten", node)
+        mask_index = kpm  # same encodings as Attention's mask_index ([B] end positions, [B, Nk] 0/1)
+        if any(i is not None for i in ins[6:8]):
+            raise Reject("MultiHeadAttention with a KV cache is not rewritten", node)
         if k is None or v is None or _rank(k) != 3:
             raise Reject("packed or pre-split K/V in MultiHeadAttention is not rewritten", node)
         if proj_bias is not None:
@@ -679,7 +680,7 @@ def _from_ms_attention(graph: ir.Graph, node: ir.Node) -> AttentionSite:
     head_dim = dims(q4)[3]
     scale = attrs["scale"].value if "scale" in attrs and attrs["scale"].value != 0 else 1.0 / math.sqrt(head_dim)
     bias = attn_bias
-    if node.op_type == "Attention" and mask_index is not None:
+    if mask_index is not None:
         filter_value = attrs["mask_filter_value"].value if "mask_filter_value" in attrs else -10000.0
         mask_bias = _mask_index_bias(graph, mask_index, k, filter_value, node)
         bias = mask_bias if bias is None else add_node(graph, "Add", [bias, mask_bias], name="mask_plus_bias")

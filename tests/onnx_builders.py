@@ -110,11 +110,17 @@ def onnx_attention_op(n=6, heads=2, d=4, with_mask=False, causal=False, dynamic=
     return _model([node], inputs, [f32("o", [1, heads, t, d])], opset=23)
 
 
-def ms_multihead_attention(n=6, heads=2, d=4):
+def ms_multihead_attention(n=6, heads=2, d=4, key_padding: str | None = None, batch=1):
+    """com.microsoft MultiHeadAttention; `key_padding`: None, "end" ([B] end positions) or "raw" ([B, N] 0/1)."""
     hidden = heads * d
-    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=heads)
-    return _model([node], [f32("q", [1, n, hidden]), f32("k", [1, n, hidden]), f32("v", [1, n, hidden])],
-                  [f32("o", [1, n, hidden])], extra_opsets=[("com.microsoft", 1)])
+    names = ["q", "k", "v"]
+    inputs = [f32("q", [batch, n, hidden]), f32("k", [batch, n, hidden]), f32("v", [batch, n, hidden])]
+    if key_padding:
+        names += ["", "kpm"]
+        shape = [batch] if key_padding == "end" else [batch, n]
+        inputs.append(helper.make_tensor_value_info("kpm", TensorProto.INT32, shape))
+    node = helper.make_node("MultiHeadAttention", names, ["o"], domain="com.microsoft", num_heads=heads)
+    return _model([node], inputs, [f32("o", [batch, n, hidden])], extra_opsets=[("com.microsoft", 1)])
 
 
 def ms_packed_attention(mask: str, n=6, heads=2, d=4, batch=3, seed=0):

@@ -266,11 +266,14 @@ def test_half_precision_export_is_found_and_rewritten(capsys, tmp_path):
             assert all(m["cosine"] > 0.9999 for m in p["metrics_vs_original"].values()), spec
 
 
-def test_ort_transformer_optimizer_output(capsys, tmp_path):
+@pytest.mark.parametrize("fused_op", ["Attention", "MultiHeadAttention"])
+def test_ort_transformer_optimizer_output(capsys, tmp_path, fused_op):
     """What deployment pipelines hand us after `onnxruntime.transformers.optimizer`: contrib Attention with
-    packed QKV weights, fed a mask_index (end positions) by EmbedLayerNormalization, no shape information."""
+    packed QKV weights (or MultiHeadAttention with a key padding mask), fed end positions by
+    EmbedLayerNormalization, no shape information."""
     import transformers as tf
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
     from tests.fixtures.export import export_model
     from tests.fixtures.hf import Outputs, padded_text_inputs
@@ -286,14 +289,17 @@ def test_ort_transformer_optimizer_output(capsys, tmp_path):
     axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
     exported_path = export_model(model, padded_text_inputs(cfg.vocab_size, seeded(0)), tmp_path / "bert.onnx",
                                  "torchscript17", names, ["last_hidden_state"], axes)
-    optimized = optimizer.optimize_model(str(exported_path), model_type="bert", num_heads=heads, hidden_size=hidden)
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = fused_op == "MultiHeadAttention"
+    optimized = optimizer.optimize_model(str(exported_path), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                         optimization_options=options)
     path = tmp_path / "bert_ort.onnx"
     optimized.save_model_to_file(str(path))
     ops = {n.op_type for n in onnx.load(path).graph.node}
-    assert {"Attention", "EmbedLayerNormalization"} <= ops and "Softmax" not in ops, ops
+    assert {fused_op, "EmbedLayerNormalization"} <= ops and "Softmax" not in ops, ops
     doc = analyze(path).to_json()
     assert len(doc["sites"]) == layers, doc["rejected"]
-    assert all(s["op"] == "com.microsoft.Attention" and s["bias"] == "input" and s["verified"] for s in doc["sites"])
+    assert all(s["op"] == f"com.microsoft.{fused_op}" and s["bias"] == "input" and s["verified"] for s in doc["sites"])
     shapes = [arg for name in names for arg in ("--shape", f"{name}=2x16")]
     for spec, exact in (("sdpa", True), ("sdpa:fuse=ort", True), ("neighborhood:kernel=64", True), ("window:size=4", False)):
         out = tmp_path / "o.onnx"

@@ -118,6 +118,13 @@ def test_spelled_out_softmax_over_another_axis_or_as_output_is_not_attention(tmp
     assert a.sites == [] and "model output" in a.detection.rejected[0].reason
 
 
+@pytest.mark.parametrize("key_padding", ["end", "raw"])
+def test_ms_multihead_attention_key_padding_mask(tmp_path, key_padding):
+    a = _analyze(tmp_path, B.ms_multihead_attention(key_padding=key_padding, batch=3))
+    (site,) = a.sites
+    assert site.verified and site.bias_kind == "input" and site.bias_per_key
+
+
 def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
     """If detection misread the scale, the numerical check must reject the site, never pass it."""
     from attnrewrite import detect as D
