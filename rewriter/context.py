@@ -29,12 +29,16 @@ _ELEMENTWISE_OPS = {
     "Sqrt", "Pow", "Reciprocal", "Clip", "Max", "Min", "Abs", "Exp", "Sigmoid", "Tanh", "Erf", "Relu",
     "QuantizeLinear", "DequantizeLinear",  # QDQ models' fake quantisation
 }
+#: Normalisations over the trailing (feature) axis: per-token, like q/k-norm in DiT, SD3 and EVA.
+_NORMALIZATIONS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+#: onnxruntime's fused residual + LayerNorm: both data inputs are token-aligned, always the last axis.
+_SKIP_NORMALIZATIONS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 #: Reductions that stay inside one token when they reduce only the last (feature) axis.
 _FEATURE_REDUCTIONS = {"ReduceL2", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax", "LpNormalization"}
 #: For these, only the first input carries data (the rest are shapes, indices, axes, exponents).
 _DATA_INPUT_ONLY = {
     "Reshape", "Expand", "Slice", "Gather", "Unsqueeze", "Squeeze", "Tile", "Split", "Pow", "Clip",
-    "QuantizeLinear", "DequantizeLinear", *_FEATURE_REDUCTIONS,
+    "QuantizeLinear", "DequantizeLinear", *_FEATURE_REDUCTIONS, *_NORMALIZATIONS,
 }
 _CONST = object()
 #: Most prefix tokens we accept (CLS + distillation + registers are at most a handful).
@@ -100,12 +104,14 @@ def token_source(value: ir.Value, memo: dict, const_memo: dict, depth: int = 0):
 
 def _keeps_tokens_apart(node: ir.Node) -> bool:
     """Does `node` leave each token's data unmixed with other tokens' (so the stream passes through)?"""
-    if node.op_type in _PROJECTION_OPS or node.op_type in _ELEMENTWISE_OPS:
+    if node.op_type in _PROJECTION_OPS or node.op_type in _ELEMENTWISE_OPS or node.op_type in _SKIP_NORMALIZATIONS:
         return True
-    if node.op_type not in _FEATURE_REDUCTIONS:
+    if node.op_type not in _FEATURE_REDUCTIONS and node.op_type not in _NORMALIZATIONS:
         return False
     rank = len(node.inputs[0].shape) if node.inputs[0] is not None and node.inputs[0].shape is not None else None
-    if node.op_type == "LpNormalization":
+    if node.op_type in _NORMALIZATIONS:  # normalises axes [axis, rank): per token only when axis is the last
+        axes = [node.attributes["axis"].value if "axis" in node.attributes else -1]
+    elif node.op_type == "LpNormalization":
         axes = [node.attributes["axis"].value if "axis" in node.attributes else -1]
     elif "axes" in node.attributes:
         axes = list(node.attributes["axes"].value)

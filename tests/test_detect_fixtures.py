@@ -385,3 +385,38 @@ def test_opset_11_exports(capsys, name, tmp_path):
     spec = "window:size=4" if built.meta.sites[0].grid is None else "neighborhood:kernel=3"
     p, _ = _rewrite(capsys, path, tmp_path, spec)
     assert len(p["rewritten"]) == len(built.meta.sites)
+
+
+class _QKNormViT(torch.nn.Module):
+    """q/k normalisation per head (DiT, SD3, EVA, ViT-22B): LayerNorm or RMSNorm over the head dim of Q and K."""
+
+    def __init__(self, norm: str, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.patch, self.cls = torch.nn.Conv2d(3, dim, 4, 4), torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        make = torch.nn.LayerNorm if norm == "layer" else torch.nn.RMSNorm
+        self.q_norm, self.k_norm = make(dim // heads), make(dim // heads)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("norm,exporter", [("layer", "torchscript17"), ("layer", "dynamo18"), ("rms", "dynamo23")])
+def test_qk_norm_is_self_attention(capsys, norm, exporter, tmp_path):
+    """Normalising Q and K separately must not make the site look like cross-attention (spatial passes
+    skip cross-attention), whichever normalisation op the exporter writes."""
+    from tests.fixtures.export import export_model
+
+    torch.manual_seed(0)
+    path = export_model(_QKNormViT(norm).eval(), (torch.randn(2, 3, 32, 24),), tmp_path / "qk.onnx", exporter,
+                        ["x"], ["y"])
+    (site,) = analyze(path).to_json()["sites"]
+    assert (site["kind"], site["grid"], site["prefix_tokens"], site["num_heads"]) == ("self", [8, 6], 1, 4), site
+    p, _ = _rewrite(capsys, path, tmp_path, "window:size=4x3")
+    assert p["rewritten"] == ["attn_0"]
