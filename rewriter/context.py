@@ -59,7 +59,7 @@ def describe(site: AttentionSite, model: ir.Model, const_memo: dict) -> None:
         site.grid, site.window = window
         site.prefix_tokens = 0
     else:
-        grid = find_patch_grid(site.k)
+        grid = find_patch_grid(site.k) or (find_flattened_feature_map(site.k, tokens) if tokens else None)
         if grid is not None and tokens is not None:
             prefix = tokens - grid[0] * grid[1]
             if 0 <= prefix <= MAX_PREFIX_TOKENS:
@@ -185,6 +185,54 @@ def find_patch_grid(value: ir.Value, limit: int = 50_000) -> tuple[int, int] | N
         if out[2] is not None and out[3] is not None:
             return out[2], out[3]
     return None
+
+
+def find_flattened_feature_map(value: ir.Value, tokens: int, limit: int = 60) -> tuple[int, int] | None:
+    """(H, W) of the nearest conv feature map flattened into the `tokens` tokens above `value`, for
+    token streams with no patch embedding: diffusion UNets' spatial transformers (`x.view(B, C, H·W)`
+    or `x.permute(0, 2, 3, 1).reshape(B, H·W, C)`), ConvNet-plus-attention hybrids.
+
+    A head merge `[B, N, h, d] → [B, N, h·d]` has the same shapes as an NCHW flatten, so the
+    flattened tensor must come from convolution or normalisation of a feature map, not from attention.
+    """
+    for node in _ancestors(value, limit, stop_at_softmax=True):
+        if node.op_type != "Reshape":
+            continue
+        src, out = dims(node.inputs[0]), dims(node.outputs[0])
+        if src is None or out is None or len(src) != 4 or len(out) != 3:
+            continue
+        nchw, nhwc = (src[2], src[3]), (src[1], src[2])
+        if None not in nchw and out[:2] == [src[0], src[1]] and out[2] == nchw[0] * nchw[1] == tokens:
+            grid = nchw
+        elif None not in nhwc and out[0] == src[0] and out[1] == nhwc[0] * nhwc[1] == tokens and out[2] == src[3]:
+            grid = nhwc
+        else:
+            continue
+        if _from_feature_map(node.inputs[0]):
+            return grid
+    return None
+
+
+#: Ops that make a feature map, and the per-pixel ops allowed between them and the flatten.
+_FEATURE_MAP_OPS = {"Conv", "ConvTranspose", "InstanceNormalization", "GroupNormalization", "BatchNormalization",
+                    "Resize"}
+_PER_PIXEL_OPS = {"Transpose", "Reshape", "Add", "Mul", "Sub", "Div", "Sigmoid", "Relu", "Identity", "Cast"}
+
+
+def _from_feature_map(value: ir.Value, depth: int = 8) -> bool:
+    node = value.producer()
+    for _ in range(depth):
+        if node is None:
+            return False
+        if node.op_type in _FEATURE_MAP_OPS:
+            return True
+        if node.op_type not in _PER_PIXEL_OPS:
+            return False
+        dynamic = [i for i in node.inputs if i is not None and i.producer() is not None and i.const_value is None]
+        if not dynamic:
+            return False
+        node = dynamic[0].producer()
+    return False
 
 
 def _ancestors(value: ir.Value, limit: int, *, stop_at_softmax: bool):

@@ -420,3 +420,68 @@ def test_qk_norm_is_self_attention(capsys, norm, exporter, tmp_path):
     assert (site["kind"], site["grid"], site["prefix_tokens"], site["num_heads"]) == ("self", [8, 6], 1, 4), site
     p, _ = _rewrite(capsys, path, tmp_path, "window:size=4x3")
     assert p["rewritten"] == ["attn_0"]
+
+
+class _SpatialTransformer(torch.nn.Module):
+    """A diffusion UNet's transformer block: conv feature map → GroupNorm → proj_in → H·W tokens → attention.
+    There is no patch embedding; the token grid is the feature map's."""
+
+    def __init__(self, linear_proj: bool, c=32, heads=4):
+        super().__init__()
+        self.conv_in, self.norm = torch.nn.Conv2d(4, c, 3, padding=1), torch.nn.GroupNorm(8, c)
+        self.linear_proj, self.heads = linear_proj, heads
+        self.proj_in = torch.nn.Linear(c, c) if linear_proj else torch.nn.Conv2d(c, c, 1)
+        self.to_q, self.to_k, self.to_v, self.to_out = (torch.nn.Linear(c, c) for _ in range(4))
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        b, c, H, W = h.shape
+        t = self.norm(h)
+        if self.linear_proj:  # diffusers' use_linear_projection
+            t = self.proj_in(t.permute(0, 2, 3, 1).reshape(b, H * W, c))
+        else:
+            t = self.proj_in(t).view(b, c, H * W).transpose(1, 2)
+        q, k, v = (f(t).view(b, -1, self.heads, c // self.heads).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        return self.to_out(o).transpose(1, 2).reshape(b, c, H, W) + h
+
+
+class _TwoLayerText(torch.nn.Module):
+    """Text whose head merge `[B, 16, 2, 8] → [B, 16, 16]` has the shapes of a 4×4 feature-map flatten."""
+
+    def __init__(self, vocab=50, dim=16, heads=2):
+        super().__init__()
+        self.embed, self.heads = torch.nn.Embedding(vocab, dim), heads
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
+
+    def forward(self, ids):
+        t = self.embed(ids)
+        b, n, c = t.shape
+        for qkv in self.layers:
+            q, k, v = qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            t = t + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return t
+
+
+@pytest.mark.parametrize("linear_proj", [False, True])
+@pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
+def test_unet_feature_map_is_the_token_grid(capsys, linear_proj, exporter, tmp_path):
+    from tests.fixtures.export import export_model
+
+    torch.manual_seed(0)
+    path = export_model(_SpatialTransformer(linear_proj).eval(), (torch.randn(2, 4, 12, 16),), tmp_path / "unet.onnx",
+                        exporter, ["x"], ["y"])
+    (site,) = analyze(path).to_json()["sites"]
+    assert (site["kind"], site["grid"], site["prefix_tokens"]) == ("self", [12, 16], 0), site
+    p, _ = _rewrite(capsys, path, tmp_path, "neighborhood:kernel=5")
+    assert p["rewritten"] == ["attn_0"]
+
+
+def test_head_merge_is_not_a_feature_map(tmp_path):
+    from tests.fixtures.export import export_model
+
+    torch.manual_seed(0)
+    path = export_model(_TwoLayerText().eval(), (torch.randint(0, 50, (2, 16)),), tmp_path / "text.onnx",
+                        "torchscript17", ["ids"], ["y"])
+    sites = analyze(path).to_json()["sites"]
+    assert len(sites) == 2 and all(s["grid"] is None and s["prefix_tokens"] is None for s in sites), sites
