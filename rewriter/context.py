@@ -45,9 +45,12 @@ _CONST = object()
 MAX_PREFIX_TOKENS = 64
 
 
-def describe(site: AttentionSite, model: ir.Model, const_memo: dict) -> None:
-    """Fill kind, rotary, window, grid, prefix_tokens and instances of a freshly detected site."""
-    sources: dict = {}
+def describe(site: AttentionSite, model: ir.Model, const_memo: dict, token_memo: dict | None = None) -> None:
+    """Fill kind, rotary, window, grid, prefix_tokens and instances of a freshly detected site.
+
+    `token_memo` is shared by all sites of one detection: token streams run through every layer, so
+    without it each site would walk the whole residual stream again (quadratic in depth)."""
+    sources: dict = {} if token_memo is None else token_memo
     src_q = token_source(site.q, sources, const_memo)
     src_k = token_source(site.k, sources, const_memo)
     same_len = site.q_len is None or site.kv_len is None or site.q_len == site.kv_len

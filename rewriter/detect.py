@@ -63,6 +63,7 @@ def detect(model: ir.Model, *, verify_sites: bool = True) -> Detection:
     sites: list[AttentionSite] = []
     rejected: list[Rejection] = []
     const_memo: dict = {}
+    token_memo: dict = {}
     for node in list(graph):
         try:
             if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
@@ -81,7 +82,7 @@ def detect(model: ir.Model, *, verify_sites: bool = True) -> Detection:
             rejected.append(Rejection(node=where, reason=rej.reason))
             continue
         site.id = f"attn_{len(sites)}"
-        context.describe(site, model, const_memo)
+        context.describe(site, model, const_memo, token_memo)
         sites.append(site)
     ir.passes.common.TopologicalSortPass()(model)
     if verify_sites and sites:
