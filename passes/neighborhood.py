@@ -12,7 +12,9 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.spatial_common import GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, sequence_prefix, fits, spatial_frame
+from attnrewrite.passes.spatial_common import (
+    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, fits, grid_last, sequence_prefix, spatial_frame,
+)
 from attnrewrite.registry import Param, register, size2d
 from attnrewrite.site import AttentionSite
 
@@ -67,9 +69,9 @@ class NeighborhoodPass:
                                      window=k[1], mode="centered", dilation=d[1],
                                      prefix=prefix, prefix_mode=options["prefix"],
                                      bias_per_key=site.bias_per_key)
-        return E.emit_neighborhood(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
-                                   prefix=prefix, kernel=effective_kernel(options["kernel"], d, grid), dilation=d,
-                                   prefix_mode=options["prefix"])
+        return grid_last(t, site, lambda q, k, v, bias: E.emit_neighborhood(
+            t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix,
+            kernel=effective_kernel(options["kernel"], d, grid), dilation=d, prefix_mode=options["prefix"]))
 
 
 def effective_kernel(kernel: tuple[int, int], dilation: tuple[int, int], sides: tuple[int, int]) -> tuple[int, int]:

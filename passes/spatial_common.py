@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
 from attnrewrite.registry import Param, non_negative_int
 from attnrewrite.site import AttentionSite
 
@@ -51,7 +55,10 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
     if site.window is not None:
         return None, site.window, 0
     if site.grid is not None and site.prefix_tokens is not None:
-        return None, site.grid, site.prefix_tokens
+        if site.suffix_tokens and site.q_len is None:
+            return "tokens follow the grid and the token count is dynamic", None, 0
+        # tokens after the grid (YOLOS' detection tokens) are moved in front: see `grid_last`
+        return None, site.grid, site.prefix_tokens + site.suffix_tokens
     if allow_1d and site.grid is None:
         return None, None, 0
     return "no token grid traced to a patch embedding", None, 0
@@ -82,3 +89,41 @@ def fits(grid: tuple[int, int], size: tuple[int, int], what: str) -> str | None:
     if size[0] > grid[0] or size[1] > grid[1]:
         return f"{what} {size[0]}x{size[1]} is larger than the {grid[0]}x{grid[1]} grid"
     return None
+
+
+def grid_last(t: ir_tape.Tape, site: AttentionSite, emit) -> ir.Value:
+    """Run `emit(q, k, v, bias)` with the tokens that follow the grid rotated to the front.
+
+    The emitters lay out `[global tokens, grid]`; YOLOS-style models append their extra tokens after
+    the grid. Attention is the same under any consistent reordering of tokens, so Q/K/V (and the
+    bias axes that run over tokens) are rotated by the suffix length, and the output rotated back.
+    """
+    s = site.suffix_tokens
+    if not s:
+        return emit(site.q, site.k, site.v, site.bias)
+    n = site.q_len
+
+    def ints(values):
+        return t.op("Constant", [], attributes={"value": ir.tensor(np.asarray(values, np.int64))})
+
+    def rotate(x, axis, shift):  # tokens [shift:] then [:shift]
+        tail = t.op("Slice", [x, ints([shift]), ints([n]), ints([axis])])
+        head = t.op("Slice", [x, ints([0]), ints([shift]), ints([axis])])
+        return t.op("Concat", [tail, head], attributes={"axis": axis})
+
+    q, k, v = (rotate(x, 2, n - s) for x in (site.q, site.k, site.v))
+    for x, ref in zip((q, k, v), (site.q, site.k, site.v)):
+        x.type, x.shape = ref.type, ref.shape
+    bias = site.bias
+    if bias is not None:
+        rank = len(bias.shape)
+        dims = list(bias.shape)
+        for axis in (rank - 1, rank - 2):
+            if axis >= 0 and dims[axis] != 1:
+                bias = rotate(bias, axis, n - s)
+        if bias is not site.bias:
+            bias.type, bias.shape = site.bias.type, site.bias.shape
+    out = emit(q, k, v, bias)
+    restored = rotate(out, 2, s)
+    restored.type, restored.shape = out.type, out.shape
+    return restored

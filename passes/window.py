@@ -11,7 +11,9 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.spatial_common import GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, sequence_prefix, fits, narrower, spatial_frame
+from attnrewrite.passes.spatial_common import (
+    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, fits, grid_last, narrower, sequence_prefix, spatial_frame,
+)
 from attnrewrite.registry import Param, non_negative_int, positive_int, register, size2d
 from attnrewrite.site import AttentionSite
 
@@ -60,9 +62,9 @@ class WindowPass:
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
                                      window=max(size), mode="block", prefix=prefix, prefix_mode=options["prefix"],
                                      bias_per_key=site.bias_per_key)
-        return E.emit_window(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias, grid=grid,
-                             prefix=prefix, size=size, shift=_shift(site, size, options["shift"]),
-                             prefix_mode=options["prefix"])
+        return grid_last(t, site, lambda q, k, v, bias: E.emit_window(
+            t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, size=size,
+            shift=_shift(site, size, options["shift"]), prefix_mode=options["prefix"]))
 
 
 class GridPass:
@@ -81,8 +83,10 @@ class GridPass:
         from attnrewrite.passes import spatial_emit as E
 
         _, grid, prefix = spatial_frame(site, options, allow_1d=False)
-        return E.emit_grid(ir_tape.Tape(graph), site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                           grid=grid, prefix=prefix, size=options["size"], prefix_mode=options["prefix"])
+        t = ir_tape.Tape(graph)
+        return grid_last(t, site, lambda q, k, v, bias: E.emit_grid(
+            t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, size=options["size"],
+            prefix_mode=options["prefix"]))
 
 
 class HaloPass:
@@ -109,9 +113,10 @@ class HaloPass:
         from attnrewrite.passes import spatial_emit as E
 
         _, grid, prefix = spatial_frame(site, options, allow_1d=False)
-        return E.emit_halo(ir_tape.Tape(graph), site.q, site.k, site.v, scale=site.scale, bias=site.bias,
-                           grid=grid, prefix=prefix, block=options["block"], halo=options["halo"],
-                           border=options["border"], prefix_mode=options["prefix"])
+        t = ir_tape.Tape(graph)
+        return grid_last(t, site, lambda q, k, v, bias: E.emit_halo(
+            t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, block=options["block"],
+            halo=options["halo"], border=options["border"], prefix_mode=options["prefix"]))
 
 
 register(WindowPass("window"))

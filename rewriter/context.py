@@ -67,6 +67,11 @@ def describe(site: AttentionSite, model: ir.Model, const_memo: dict, token_memo:
             prefix = tokens - grid[0] * grid[1]
             if 0 <= prefix <= MAX_PREFIX_TOKENS:
                 site.grid, site.prefix_tokens = grid, prefix
+                if prefix:
+                    layout = find_token_layout(site.k, grid[0] * grid[1])
+                    if layout is not None and sum(layout) == prefix and layout[1]:
+                        site.prefix_tokens, site.suffix_tokens = layout
+                        site.notes.append(f"{layout[1]} tokens follow the patch tokens (e.g. detection tokens)")
             else:
                 site.notes.append(f"patch grid {grid[0]}x{grid[1]} does not match {tokens} tokens")
         elif grid is not None:
@@ -187,6 +192,28 @@ def find_patch_grid(value: ir.Value, limit: int = 50_000) -> tuple[int, int] | N
             continue
         if out[2] is not None and out[3] is not None:
             return out[2], out[3]
+    return None
+
+
+def find_token_layout(value: ir.Value, grid_tokens: int, limit: int = 400) -> tuple[int, int] | None:
+    """(tokens before, tokens after) the patch tokens, from the nearest token-axis Concat that joins
+    them with learned tokens: `cat(cls, patches, det)` in YOLOS puts 5 tokens after the grid, while
+    DeiT and DINOv2 put theirs in front. None when no such Concat is found (extra tokens are then
+    taken to be in front, the common layout)."""
+    for node in _ancestors(value, limit, stop_at_softmax=True):
+        if node.op_type != "Concat" or len(node.inputs) < 2:
+            continue
+        out = dims(node.outputs[0])
+        if out is None or len(out) != 3:
+            continue
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        if axis % 3 != 1:
+            continue
+        sizes = [(dims(i) or [None] * 3)[1] if i is not None else None for i in node.inputs]
+        if None in sizes or grid_tokens not in sizes:
+            continue
+        at = sizes.index(grid_tokens)
+        return sum(sizes[:at]), sum(sizes[at + 1:])
     return None
 
 

@@ -47,6 +47,8 @@ class AttentionSite:
     bias_per_key: bool = False
     verified: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: tokens after the grid tokens (YOLOS' detection tokens); `prefix_tokens` are the ones before it
+    suffix_tokens: int = 0
 
     @property
     def layer(self) -> int:
@@ -68,6 +70,7 @@ class AttentionSite:
             "window": list(self.window) if self.window else None,
             "grid": list(self.grid) if self.grid else None,
             "prefix_tokens": self.prefix_tokens,
+            "suffix_tokens": self.suffix_tokens,
             "rotary": self.rotary,
             "verified": self.verified,
             "nodes": [n.name or "" for n in self.nodes],

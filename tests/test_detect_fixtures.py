@@ -485,3 +485,47 @@ def test_head_merge_is_not_a_feature_map(tmp_path):
                         "torchscript17", ["ids"], ["y"])
     sites = analyze(path).to_json()["sites"]
     assert len(sites) == 2 and all(s["grid"] is None and s["prefix_tokens"] is None for s in sites), sites
+
+
+class _ExtraTokensViT(torch.nn.Module):
+    """One attention block over [cls, patches, det] (YOLOS, `suffix=True`) or [cls, det, patches]; the
+    output is put back in one canonical order, so both layouts compute the same function."""
+
+    def __init__(self, suffix: bool, dim=32, heads=4, extra=3):
+        super().__init__()
+        self.suffix, self.heads, self.extra = suffix, heads, extra
+        self.patch, self.cls = torch.nn.Conv2d(3, dim, 4, 4), torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.det = torch.nn.Parameter(torch.randn(1, extra, dim))
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.qkv.weight.mul_(4.0)  # far from uniform attention, so a misplaced window shows
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        b, g, c = p.shape
+        cls, det = self.cls.expand(b, -1, -1), self.det.expand(b, -1, -1)
+        t = torch.cat([cls, p, det] if self.suffix else [cls, det, p], 1)
+        q, k, v = self.qkv(t).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c))
+        if self.suffix:
+            return o
+        return torch.cat([o[:, :1], o[:, 1 + self.extra:], o[:, 1:1 + self.extra]], 1)  # to [cls, patches, det]
+
+
+def test_tokens_after_the_grid_keep_their_geometry(capsys, tmp_path):
+    """YOLOS appends detection tokens after the patches. Rewritten, the suffix layout must compute exactly
+    what the prefix layout computes: the window pass must not mistake detection tokens for grid cells."""
+    from tests.fixtures.export import export_model
+
+    x = torch.randn(2, 3, 24, 32)
+    outs = {}
+    for suffix in (True, False):
+        torch.manual_seed(0)
+        model = _ExtraTokensViT(suffix).eval()
+        path = export_model(model, (x,), tmp_path / f"m{suffix}.onnx", "torchscript17", ["x"], ["y"])
+        (site,) = analyze(path).to_json()["sites"]
+        assert (site["grid"], site["prefix_tokens"], site["suffix_tokens"]) == ([6, 8], 1 + 3 * (not suffix), 3 * suffix)
+        p, out = _rewrite(capsys, path, tmp_path, "window:size=3x4")
+        assert p["rewritten"] == ["attn_0"]
+        outs[suffix] = ort_run(out, {"x": x.numpy()})["y"]
+    assert np.abs(outs[True] - outs[False]).max() <= 1e-5
