@@ -244,6 +244,9 @@ def _logits_chain(logits: ir.Value, const_memo: dict) -> tuple[list[ir.Node], ir
             # A constant right operand is a weight (gate, classifier); a constant left operand with
             # dynamic keys is a learned query (attention pooling, Perceiver latents): attention.
             if is_constant(node.inputs[1], const_memo):
+                if is_constant(node.inputs[0], const_memo):
+                    raise Reject("Q and K are both constant (learned queries attending to each other, as in "
+                                 "DETR's first decoder layer): the whole attention is a constant", node)
                 raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", node)
             chain.reverse()
             return chain, node, scale, row_factors

@@ -125,6 +125,19 @@ def test_ms_multihead_attention_key_padding_mask(tmp_path, key_padding):
     assert site.verified and site.bias_kind == "input" and site.bias_per_key
 
 
+def test_attention_among_constants_is_rejected_as_constant(tmp_path):
+    """DETR's first decoder layer: learned queries attend to each other before any image token arrives."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    inits = [B.init(name, rng.standard_normal((1, 2, 5, 4))) for name in "qk"]
+    model = B._model(nodes, [B.f32("v", [1, 2, 5, 4])], [B.f32("o", [1, 2, 5, 4])], inits)
+    a = _analyze(tmp_path, model)
+    assert a.sites == [] and "both constant" in a.detection.rejected[0].reason
+
+
 def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
     """If detection misread the scale, the numerical check must reject the site, never pass it."""
     from attnrewrite import detect as D
