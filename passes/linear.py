@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.sdpa import const, float_type, reduce, softmax_attention
+from attnrewrite.passes.sdpa import const, float_type, key_row, reduce, softmax_attention
 from attnrewrite.registry import Param, positive_float, register
 from attnrewrite.site import AttentionSite
 
@@ -145,12 +145,10 @@ class LinearPass:
         weight = None
         if site.bias is not None:
             # softmax weights keys by exp(b_j); the max-shift keeps exp finite and cancels in the ratio
-            b = site.bias
+            b = key_row(t, site.bias)  # bias_per_key: any row stands for all
             rank = len(b.shape)
             if rank < 4:
                 b = t.op("Unsqueeze", [b, const(t, list(range(4 - rank)))])
-            if b.shape is None or b.shape[2] != 1:  # per-key bias materialised per query: take one row
-                b = t.op("Slice", [b, const(t, [0]), const(t, [1]), const(t, [2])])
             shifted = t.op("Sub", [b, reduce(t, graph, "ReduceMax", b, [3])])
             weight = t.op("Transpose", [t.op("Exp", [shifted])], attributes={"perm": [0, 1, 3, 2]})
         prefix = site.prefix_tokens or 0

@@ -25,6 +25,17 @@ def float_type(value: ir.Value):
     return value.dtype.numpy() if value.dtype is not None and value.dtype.is_floating_point() else np.float32
 
 
+def key_row(t: ir_tape.Tape, bias: ir.Value) -> ir.Value:
+    """The first query row of a bias known to be the same for every query (a padding mask that the
+    exporter expanded to `[.., Nq, Nk]`): `[.., 1, Nk]`, which broadcasts back over the queries."""
+    if bias.shape is None or len(bias.shape) < 2 or bias.shape[-2] == 1:
+        return bias
+    dims = list(bias.shape)
+    row = t.op("Slice", [bias, const(t, [0]), const(t, [1]), const(t, [len(dims) - 2])])
+    row.shape, row.type = ir.Shape([*dims[:-2], 1, dims[-1]]), bias.type
+    return row
+
+
 def reduce(t: ir_tape.Tape, graph: ir.Graph, op: str, x: ir.Value, axes: list[int], keepdims: int = 1) -> ir.Value:
     """Reduce* with axes as an input (opset ≥ 18; ReduceSum ≥ 13) or as an attribute (older)."""
     opset = graph.opset_imports.get("", 17)

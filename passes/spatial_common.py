@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from attnrewrite.passes.sdpa import const
 from attnrewrite.registry import Param, non_negative_int
 from attnrewrite.site import AttentionSite
 
@@ -103,12 +103,9 @@ def grid_last(t: ir_tape.Tape, site: AttentionSite, emit) -> ir.Value:
         return emit(site.q, site.k, site.v, site.bias)
     n = site.q_len
 
-    def ints(values):
-        return t.op("Constant", [], attributes={"value": ir.tensor(np.asarray(values, np.int64))})
-
     def rotate(x, axis, shift):  # tokens [shift:] then [:shift]
-        tail = t.op("Slice", [x, ints([shift]), ints([n]), ints([axis])])
-        head = t.op("Slice", [x, ints([0]), ints([shift]), ints([axis])])
+        tail = t.op("Slice", [x, const(t, [shift]), const(t, [n]), const(t, [axis])])
+        head = t.op("Slice", [x, const(t, [0]), const(t, [shift]), const(t, [axis])])
         return t.op("Concat", [tail, head], attributes={"axis": axis})
 
     q, k, v = (rotate(x, 2, n - s) for x in (site.q, site.k, site.v))

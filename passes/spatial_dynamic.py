@@ -22,34 +22,31 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from attnrewrite.passes.sdpa import const, key_row
 from attnrewrite.passes.spatial_tables import bias_floor, masked_value
 
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _i64(t: ir_tape.Tape, values) -> ir.Value:
-    return t.op("Constant", [], attributes={"value": ir.tensor(np.asarray(values, np.int64))})
-
-
 def _tokens(t, x: ir.Value, start, end) -> ir.Value:
     """x[:, :, start:end] where start/end are ints or int64 [1] values."""
-    start = start if isinstance(start, ir.Value) else _i64(t, [start])
-    end = end if isinstance(end, ir.Value) else _i64(t, [end])
-    return t.op("Slice", [x, start, end, _i64(t, [2])])
+    start = start if isinstance(start, ir.Value) else const(t, [start])
+    end = end if isinstance(end, ir.Value) else const(t, [end])
+    return t.op("Slice", [x, start, end, const(t, [2])])
 
 
 def _pad_tokens(t, x: ir.Value, amount: ir.Value, axis: int, rank: int) -> ir.Value:
     """Zero-pad `amount` (int64 [1]) positions at the end of `axis`."""
-    before = _i64(t, [0] * (rank + axis))
-    after = _i64(t, [0] * (rank - axis - 1))
+    before = const(t, [0] * (rank + axis))
+    after = const(t, [0] * (rank - axis - 1))
     pads = t.op("Concat", [before, amount, after], attributes={"axis": 0})
     return t.op("Pad", [x, pads])
 
 
 def _per_block(t, x: ir.Value, blocks: ir.Value) -> ir.Value:
     """[B, h, P, d] → [B, h, blocks, P, d]: the global keys repeated for every block."""
-    shape = t.op("Concat", [_i64(t, [1, 1]), blocks, _i64(t, [1, 1])], attributes={"axis": 0})
-    return t.op("Expand", [t.op("Unsqueeze", [x, _i64(t, [2])]), shape])
+    shape = t.op("Concat", [const(t, [1, 1]), blocks, const(t, [1, 1])], attributes={"axis": 0})
+    return t.op("Expand", [t.op("Unsqueeze", [x, const(t, [2])]), shape])
 
 
 def emit_sliding_1d_dynamic(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float,
@@ -60,12 +57,8 @@ def emit_sliding_1d_dynamic(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Val
     `bias_per_key`: the bias is known to be the same for every query even though it is laid out as
     `[.., T, T]` (an expanded padding mask), so its first row stands for all.
     """
-    if bias is not None and bias_per_key and bias.shape is not None and len(bias.shape) >= 2 \
-            and bias.shape[-2] != 1:
-        dims = list(bias.shape)
-        row = t.op("Slice", [bias, _i64(t, [0]), _i64(t, [1]), _i64(t, [len(dims) - 2])])
-        row.shape, row.type = ir.Shape([*dims[:-2], 1, dims[-1]]), bias.type
-        bias = row
+    if bias is not None and bias_per_key:
+        bias = key_row(t, bias)
     if mode not in ("centered", "block"):
         raise ValueError(f"{mode=} must be centered or block")
     if window < 1:
@@ -78,60 +71,59 @@ def emit_sliding_1d_dynamic(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Val
     global_prefix = prefix > 0 and prefix_mode == "global"
 
     total = t.op("Shape", [q], attributes={"start": 2, "end": 3})  # [1]
-    local = t.op("Sub", [total, _i64(t, [prefix])])
-    blocks = t.op("Div", [t.op("Add", [local, _i64(t, [tile - 1])]), _i64(t, [tile])])
-    padded_q = t.op("Mul", [blocks, _i64(t, [tile])])
-    padded_k = t.op("Max", [padded_q, _i64(t, [region])])
+    local = t.op("Sub", [total, const(t, [prefix])])
+    blocks = t.op("Div", [t.op("Add", [local, const(t, [tile - 1])]), const(t, [tile])])
+    padded_q = t.op("Mul", [blocks, const(t, [tile])])
+    padded_k = t.op("Max", [padded_q, const(t, [region])])
 
     # positions: query i = b·tile + u, region key j = lo(b) + r
-    b = t.op("Range", [_i64(t, 0), t.op("Squeeze", [blocks, _i64(t, [0])]), _i64(t, 1)])  # [blocks]
-    first = t.op("Mul", [b, _i64(t, tile)])
+    b = t.op("Range", [const(t, 0), t.op("Squeeze", [blocks, const(t, [0])]), const(t, 1)])  # [blocks]
+    first = t.op("Mul", [b, const(t, tile)])
     if mode == "centered":
-        last_start = t.op("Max", [t.op("Sub", [local, _i64(t, [w])]), _i64(t, [0])])
+        last_start = t.op("Max", [t.op("Sub", [local, const(t, [w])]), const(t, [0])])
 
         def start_of(i):
-            return t.op("Min", [t.op("Max", [t.op("Sub", [i, _i64(t, w // 2)]), _i64(t, 0)]), last_start])
+            return t.op("Min", [t.op("Max", [t.op("Sub", [i, const(t, w // 2)]), const(t, 0)]), last_start])
 
-        query = t.op("Add", [t.op("Unsqueeze", [first, _i64(t, [1])]), _i64(t, np.arange(tile)[None, :])])
+        query = t.op("Add", [t.op("Unsqueeze", [first, const(t, [1])]), const(t, np.arange(tile)[None, :])])
         starts = start_of(query)  # [blocks, tile]
-        lo = t.op("Min", [start_of(first), t.op("Sub", [padded_k, _i64(t, [region])])])  # [blocks]
+        lo = t.op("Min", [start_of(first), t.op("Sub", [padded_k, const(t, [region])])])  # [blocks]
     else:
         lo = first
-    keys = t.op("Add", [t.op("Unsqueeze", [lo, _i64(t, [1])]), _i64(t, np.arange(region)[None, :])])  # [blocks, R]
-    key3 = t.op("Unsqueeze", [keys, _i64(t, [1])])  # [blocks, 1, R]
+    keys = t.op("Add", [t.op("Unsqueeze", [lo, const(t, [1])]), const(t, np.arange(region)[None, :])])  # [blocks, R]
+    key3 = t.op("Unsqueeze", [keys, const(t, [1])])  # [blocks, 1, R]
     allowed = t.op("Less", [key3, local])
     if mode == "centered":
-        s3 = t.op("Unsqueeze", [starts, _i64(t, [2])])  # [blocks, tile, 1]
-        inside = t.op("And", [t.op("GreaterOrEqual", [key3, s3]), t.op("Less", [key3, t.op("Add", [s3, _i64(t, w)])])])
+        s3 = t.op("Unsqueeze", [starts, const(t, [2])])  # [blocks, tile, 1]
+        inside = t.op("And", [t.op("GreaterOrEqual", [key3, s3]), t.op("Less", [key3, t.op("Add", [s3, const(t, w)])])])
         allowed = t.op("And", [allowed, inside])
     zero, masked = (t.op("Constant", [], attributes={"value": ir.tensor(np.array(x, dtype))}) for x in (0.0, masked_value(dtype)))
     mask = t.op("Where", [allowed, zero, masked])  # [blocks, tile|1, R]
     if global_prefix:
-        mask = t.op("Pad", [mask, _i64(t, [0, 0, prefix, 0, 0, 0])])  # prefix key columns: 0
+        mask = t.op("Pad", [mask, const(t, [0, 0, prefix, 0, 0, 0])])  # prefix key columns: 0
 
     scale_c = t.op("Constant", [], attributes={"value": ir.tensor(np.array(scale, dtype))})
     k_local, v_local = _tokens(t, k, prefix, _INT64_MAX), _tokens(t, v, prefix, _INT64_MAX)
     key_pad = t.op("Sub", [padded_k, local])
-    flat_keys = t.op("Reshape", [keys, _i64(t, [-1])])
+    flat_keys = t.op("Reshape", [keys, const(t, [-1])])
 
     def regions(x, width):
         gathered = t.op("Gather", [_pad_tokens(t, x, key_pad, 2, 4), flat_keys], attributes={"axis": 2})
-        return t.op("Reshape", [gathered, _i64(t, [0, 0, -1, region, width])])
+        return t.op("Reshape", [gathered, const(t, [0, 0, -1, region, width])])
 
     k_reg, v_reg = regions(k_local, d), regions(v_local, dv)
     if global_prefix:
         k_reg = t.op("Concat", [_per_block(t, _tokens(t, k, 0, prefix), blocks), k_reg], attributes={"axis": 3})
         v_reg = t.op("Concat", [_per_block(t, _tokens(t, v, 0, prefix), blocks), v_reg], attributes={"axis": 3})
     q_local = _pad_tokens(t, _tokens(t, q, prefix, _INT64_MAX), t.op("Sub", [padded_q, local]), 2, 4)
-    q_blocks = t.op("Reshape", [t.op("Mul", [q_local, scale_c]), _i64(t, [0, 0, -1, tile, d])])
+    q_blocks = t.op("Reshape", [t.op("Mul", [q_local, scale_c]), const(t, [0, 0, -1, tile, d])])
     logits = t.op("MatMul", [q_blocks, t.op("Transpose", [k_reg], attributes={"perm": [0, 1, 2, 4, 3]})])
     logits = t.op("Add", [logits, mask])
-    key_bias = None
     if bias is not None:
-        key_bias = _key_bias(t, bias, prefix, global_prefix, blocks, local, key_pad, flat_keys, region, dtype)
-        logits = t.op("Add", [logits, key_bias])
+        logits = t.op("Add", [logits, _key_bias(t, bias, prefix, global_prefix, blocks, local, key_pad, flat_keys,
+                                                region, dtype)])
     out = t.op("MatMul", [t.op("Softmax", [logits], attributes={"axis": -1}), v_reg])
-    out = t.op("Reshape", [out, _i64(t, [0, 0, -1, dv])])
+    out = t.op("Reshape", [out, const(t, [0, 0, -1, dv])])
     out = _tokens(t, out, 0, local)
     if prefix:
         qp = t.op("Mul", [_tokens(t, q, 0, prefix), scale_c])
@@ -140,7 +132,7 @@ def emit_sliding_1d_dynamic(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Val
         if bias is not None:
             bias4 = _as_rank4(t, bias)
             logits_p = t.op("Add", [logits_p, bias4 if global_prefix else t.op(
-                "Slice", [bias4, _i64(t, [0]), _i64(t, [prefix]), _i64(t, [3])])])
+                "Slice", [bias4, const(t, [0]), const(t, [prefix]), const(t, [3])])])
         out_p = t.op("MatMul", [t.op("Softmax", [logits_p], attributes={"axis": -1}), values_p])
         out = t.op("Concat", [out_p, out], attributes={"axis": 2})
     out.type = q.type
@@ -150,21 +142,21 @@ def emit_sliding_1d_dynamic(t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Val
 
 def _as_rank4(t, bias: ir.Value) -> ir.Value:
     rank = len(bias.shape)
-    return bias if rank == 4 else t.op("Unsqueeze", [bias, _i64(t, list(range(4 - rank)))])
+    return bias if rank == 4 else t.op("Unsqueeze", [bias, const(t, list(range(4 - rank)))])
 
 
 def _key_bias(t, bias, prefix, global_prefix, blocks, local, key_pad, flat_keys, region, dtype) -> ir.Value:
     """A per-key bias `[B|1, h|1, 1, T]` at each block's key slots: `[B|1, h|1, blocks, 1, P + R]`."""
-    if bias.shape is None or len(bias.shape) > 4 or (len(bias.shape) >= 2 and bias.shape[-2] not in (1,)):
+    if bias.shape is None or len(bias.shape) > 4 or (len(bias.shape) >= 2 and bias.shape[-2] != 1):
         raise ValueError(f"bias {bias.name} of shape {bias.shape} varies per query; only a per-key bias fits a "
                          "dynamic-length sliding window")
-    rows = t.op("Reshape", [_as_rank4(t, bias), _i64(t, [0, 0, -1])])  # [B|1, h|1, T]
+    rows = t.op("Reshape", [_as_rank4(t, bias), const(t, [0, 0, -1])])  # [B|1, h|1, T]
     local_cols = _tokens(t, rows, prefix, _INT64_MAX)
     gathered = t.op("Gather", [_pad_tokens(t, local_cols, key_pad, 2, 3), flat_keys], attributes={"axis": 2})
-    cols = t.op("Unsqueeze", [t.op("Reshape", [gathered, _i64(t, [0, 0, -1, region])]), _i64(t, [3])])
+    cols = t.op("Unsqueeze", [t.op("Reshape", [gathered, const(t, [0, 0, -1, region])]), const(t, [3])])
     if global_prefix:
-        shape = t.op("Concat", [_i64(t, [1, 1]), blocks, _i64(t, [1, 1])], attributes={"axis": 0})
-        pre = t.op("Expand", [t.op("Unsqueeze", [_tokens(t, rows, 0, prefix), _i64(t, [2, 3])]), shape])
+        shape = t.op("Concat", [const(t, [1, 1]), blocks, const(t, [1, 1])], attributes={"axis": 0})
+        pre = t.op("Expand", [t.op("Unsqueeze", [_tokens(t, rows, 0, prefix), const(t, [2, 3])]), shape])
         cols = t.op("Concat", [pre, cols], attributes={"axis": 4})
     floor = t.op("Constant", [], attributes={"value": ir.tensor(np.array(bias_floor(dtype), dtype))})
     return t.op("Max", [cols, floor])

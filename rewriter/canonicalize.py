@@ -104,19 +104,17 @@ def infer_static_dims(model: ir.Model) -> int:
     every shape chain but costs a pass over the graph.
     """
     proto = ir.serde.serialize_model(model)
-    if any(node.domain == "com.microsoft" for node in proto.graph.node):
-        try:
-            _fill_missing_types(model, _infer_shapes(onnx.ModelProto.FromString(proto.SerializeToString())))
-        except Exception:  # noqa: BLE001 - types stay unknown; detection says so per site
-            pass
+    # contrib ops' outputs have no element type either; the first run's inference supplies it
+    untyped = model if any(node.domain == "com.microsoft" for node in proto.graph.node) else None
     dynamic = [
         (inp, i) for inp in proto.graph.input for i, d in enumerate(inp.type.tensor_type.shape.dim)
         if not d.HasField("dim_value")
     ]
     if not dynamic:  # one run gives the static shapes
-        run = _propagated_shapes(proto, dynamic, 0)
+        run = _propagated_shapes(proto, dynamic, 0, untyped)
         return _merge_runs(model, [run, run])
-    improved = _merge_runs(model, [_propagated_shapes(proto, dynamic, size) for size in (2, 3)])
+    runs = [_propagated_shapes(proto, dynamic, 2, untyped), _propagated_shapes(proto, dynamic, 3)]
+    improved = _merge_runs(model, runs)
     if _softmax_logits_unresolved(model):
         improved += _merge_runs(model, [_folded_shapes(proto, dynamic, size) for size in (2, 3)])
     return improved
@@ -128,11 +126,16 @@ def _with_sizes(proto: onnx.ModelProto, dynamic: list, size: int) -> onnx.ModelP
     return proto
 
 
-def _propagated_shapes(proto: onnx.ModelProto, dynamic: list, size: int) -> dict[str, list] | None:
+def _propagated_shapes(proto: onnx.ModelProto, dynamic: list, size: int,
+                       fill_types: ir.Model | None = None) -> dict[str, list] | None:
+    """Dims inferred with every dynamic input dim set to `size`; also types the untyped values of
+    `fill_types` from the same inference (element types do not depend on the sizes)."""
     try:
         inferred = _infer_shapes(_with_sizes(proto, dynamic, size))
     except Exception:  # noqa: BLE001 - inference is best effort
         return None
+    if fill_types is not None:
+        _fill_missing_types(fill_types, inferred)
     return {
         vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from attnrewrite.canonicalize import const_array
 from attnrewrite.graphutil import dims, is_constant
+from attnrewrite.patterns import reduced_axes
 from attnrewrite.site import AttentionSite
 
 #: Ops that move or project tokens without mixing them with other token streams.
@@ -117,17 +118,11 @@ def _keeps_tokens_apart(node: ir.Node) -> bool:
     if node.op_type not in _FEATURE_REDUCTIONS and node.op_type not in _NORMALIZATIONS:
         return False
     rank = len(node.inputs[0].shape) if node.inputs[0] is not None and node.inputs[0].shape is not None else None
-    if node.op_type in _NORMALIZATIONS:  # normalises axes [axis, rank): per token only when axis is the last
+    if node.op_type in _NORMALIZATIONS or node.op_type == "LpNormalization":
+        # LayerNorm-style ops normalise axes [axis, rank): per token only when axis is the last
         axes = [node.attributes["axis"].value if "axis" in node.attributes else -1]
-    elif node.op_type == "LpNormalization":
-        axes = [node.attributes["axis"].value if "axis" in node.attributes else -1]
-    elif "axes" in node.attributes:
-        axes = list(node.attributes["axes"].value)
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = const_array(node.inputs[1])
-        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
     else:
-        axes = None  # all axes
+        axes = reduced_axes(node)
     return rank is not None and axes is not None and len(axes) == 1 and axes[0] in (-1, rank - 1)
 
 

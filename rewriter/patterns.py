@@ -58,17 +58,20 @@ def _softmax_input(div: ir.Node) -> ir.Value | None:
 def _over_last_axis(node: ir.Node) -> bool:
     """Reduces exactly the last axis and keeps it (keepdims=1), as softmax's normaliser does."""
     keepdims = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
-    if not keepdims:
+    axes = reduced_axes(node)
+    if not keepdims or axes is None:
         return False
-    if "axes" in node.attributes:
-        axes = list(node.attributes["axes"].value)
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        tensor = node.inputs[1].const_value  # folded by the time this runs
-        if tensor is None:
-            return False
-        axes = [int(a) for a in tensor.numpy().reshape(-1)]
-    else:
-        return False  # all axes
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     return len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+
+def reduced_axes(node: ir.Node) -> list[int] | None:
+    """The axes a Reduce* node reduces, from its `axes` attribute (before opset 18) or constant `axes`
+    input (opset 18+); None when it reduces all axes or they are not constant."""
+    if "axes" in node.attributes:
+        return list(node.attributes["axes"].value)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        tensor = ir.convenience.get_const_tensor(node.inputs[1])
+        return None if tensor is None else [int(a) for a in tensor.numpy().reshape(-1)]
+    return None
 
