@@ -99,11 +99,11 @@ def write_beside(
         new.name = f"attnrewrite/{site.id}/{spec.name}_output"
         new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
         new.metadata_props[SITE_TAG] = site.id
-        for node in list(graph)[before:]:
+        for count, node in enumerate(list(graph)[before:]):
             node.metadata_props[PASS_TAG] = spec.label()
             node.metadata_props[SITE_TAG] = site.id
             if not node.name:
-                node.name = f"attnrewrite/{site.id}/{node.op_type}_{id(node) % 100000}"
+                node.name = f"attnrewrite/{site.id}/{spec.label()}/{node.op_type}_{count}"
         if site.output.type is not None:
             new.type = site.output.type
         rewrites.append(Rewrite(site=site, value=new))
