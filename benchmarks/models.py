@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 BENCH_OUT = Path(__file__).resolve().parents[1] / "bench-out"
-CONFIG_KEY = "attnrewrite.bench.config"
+CONFIG_KEY = "attnrewrite.validate.bench.config"
 
 PRESETS: dict[str, dict] = {
     "vit_s16_224": dict(depth=12, dim=384, heads=6, img=224),

@@ -24,11 +24,11 @@ from onnx_ir import tape as ir_tape
 from rich.console import Console
 from rich.table import Table
 
-from attnrewrite import bench as B
-from attnrewrite.modelio import load_model, save_model
-from attnrewrite.passes import spatial_emit as E
-from attnrewrite.passes.sdpa import softmax_attention
-from attnrewrite.pipeline import apply_unvalidated
+from attnrewrite.validate import bench as B
+from attnrewrite.onnx.modelio import load_model, save_model
+from attnrewrite.passes.spatial import emit as E
+from attnrewrite.passes.ops import softmax_attention
+from attnrewrite.validate.pipeline import apply_unvalidated
 from attnrewrite.registry import parse_pass
 from attnrewrite.synthetic import vit
 

@@ -17,14 +17,15 @@ matches the softmax output it replaces; numpy-only and exact to export.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.sdpa import const, float_type, key_row, reduce, softmax_attention
-from attnrewrite.registry import Param, positive_float, register
+from attnrewrite.passes.ops import const, float_type, key_row, reduce, softmax_attention
+from attnrewrite.registry import BasePass, Param, Plan, positive_float
 from attnrewrite.site import AttentionSite
 
 
@@ -107,7 +108,14 @@ def fit_output_correction(approx: np.ndarray, target: np.ndarray, ridge: float) 
     return np.stack(rs).astype(np.float32), np.stack(bs).astype(np.float32)
 
 
-class LinearPass:
+@dataclasses.dataclass(frozen=True)
+class LinearPlan(Plan):
+    """`correction` is the per-head `(R [h, d, d], b [h, 1, d])` that `fit=ridge` fitted, once fitted."""
+
+    correction: tuple[np.ndarray, np.ndarray] | None = None
+
+
+class LinearPass(BasePass):
     name = "linear"
     exact = False
     description = "kernelised linear attention φ(Q)(φ(K)ᵀV) with φ = elu+1 or relu; cost linear in tokens"
@@ -121,27 +129,26 @@ class LinearPass:
         Param("ridge", positive_float, 1e-2, "ridge strength for fit=ridge (relative to feature energy)"),
     )
 
-    def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], options: dict) -> dict | None:
+    def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], plan: LinearPlan) -> LinearPlan:
         """Fit the output correction from this site's calibration Q, K, V, bias and softmax output."""
-        if options["fit"] == "none":
-            return None
+        options = plan.options
         q, k, v, target = acts["q"], acts["k"], acts["v"], acts["output"]
         weight = key_weight_reference(acts.get("bias"))
         prefix = (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
         approx = linear_reference(q[:, :, prefix:], k, v, scale=site.scale, phi=options["phi"], eps=options["eps"],
                                   key_weight=weight)
-        r, b = fit_output_correction(approx, target[:, :, prefix:], options["ridge"])
-        return {"R": r, "b": b}
+        return dataclasses.replace(plan, correction=fit_output_correction(approx, target[:, :, prefix:], options["ridge"]))
 
-    def applies(self, site: AttentionSite, options: dict) -> str | None:
+    def applies(self, site: AttentionSite, options: dict) -> str | LinearPlan:
         if not site.bias_per_key:
             return f"{site.bias_kind} bias varies per query (e.g. relative positions or window masks); linear attention can only weight keys"
         if options["prefix"] == "exact" and site.prefix_tokens is None:
             return "prefix=exact needs known prefix tokens (no patch grid traced)"
-        return None
+        return LinearPlan(options, needs_fit=options["fit"] == "ridge")
 
-    def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: LinearPlan) -> ir.Value:
         t = ir_tape.Tape(graph)
+        options = plan.options
         weight = None
         if site.bias is not None:
             # softmax weights keys by exp(b_j); the max-shift keeps exp finite and cancels in the ratio
@@ -156,7 +163,7 @@ class LinearPass:
             out = linear_attention(
                 t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
             )
-            return _corrected(t, out, options.get("fitted"), float_type(site.q))
+            return _corrected(t, out, plan.correction, float_type(site.q))
         q_len = site.q_len if site.q_len is not None else np.iinfo(np.int64).max
         q_prefix = t.op("Slice", [site.q, const(t, [0]), const(t, [prefix]), const(t, [2])])
         q_grid = t.op("Slice", [site.q, const(t, [prefix]), const(t, [q_len]), const(t, [2])])
@@ -165,16 +172,16 @@ class LinearPass:
             t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight,
             dtype=float_type(site.q),
         )
-        return t.op("Concat", [exact, _corrected(t, lin, options.get("fitted"), float_type(site.q))], attributes={"axis": 2})
+        return t.op("Concat", [exact, _corrected(t, lin, plan.correction, float_type(site.q))], attributes={"axis": 2})
 
 
-def _corrected(t: ir_tape.Tape, out: ir.Value, fitted: dict | None, dtype) -> ir.Value:
+def _corrected(t: ir_tape.Tape, out: ir.Value, correction: tuple[np.ndarray, np.ndarray] | None, dtype) -> ir.Value:
     """O·R_h + b_h per head, with the fitted constants (identity when nothing was fitted)."""
-    if not fitted:
+    if correction is None:
         return out
-    r = t.op("Constant", [], attributes={"value": ir.tensor(fitted["R"][None].astype(dtype))})  # [1, h, d, d]
-    b = t.op("Constant", [], attributes={"value": ir.tensor(fitted["b"][None].astype(dtype))})  # [1, h, 1, d]
+    r = t.op("Constant", [], attributes={"value": ir.tensor(correction[0][None].astype(dtype))})  # [1, h, d, d]
+    b = t.op("Constant", [], attributes={"value": ir.tensor(correction[1][None].astype(dtype))})  # [1, h, 1, d]
     return t.op("Add", [t.op("MatMul", [out, r]), b])
 
 
-register(LinearPass())
+LINEAR = LinearPass()

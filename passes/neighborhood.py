@@ -12,27 +12,27 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.spatial_common import (
-    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, fits, grid_last, sequence_prefix, spatial_frame,
+from attnrewrite.passes.spatial.common import (
+    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, SpatialPlan, fits, grid_last, sequence_prefix, spatial_frame,
 )
-from attnrewrite.registry import Param, register, size2d
+from attnrewrite.registry import BasePass, Param, show_size, size2d
 from attnrewrite.site import AttentionSite
 
 
-class NeighborhoodPass:
+class NeighborhoodPass(BasePass):
     name = "neighborhood"
     exact = False
     description = "NATTEN neighborhood attention: each token sees exactly KxK neighbours (clamped at borders); dilation=D for DiNA; 1-D for text"
     params = (
-        Param("kernel", size2d, (7, 7), "kernel K or KhxKw (tokens along the sequence for 1-D)"),
-        Param("dilation", size2d, (1, 1), "dilation D or DhxDw"),
+        Param("kernel", size2d, (7, 7), "kernel K or KhxKw (tokens along the sequence for 1-D)", show=show_size),
+        Param("dilation", size2d, (1, 1), "dilation D or DhxDw", show=show_size),
         PREFIX,
         GLOBAL_TOKENS,
         KEEP_GLOBAL,
     )
 
-    def applies(self, site: AttentionSite, options: dict) -> str | None:
-        reason, grid, _ = spatial_frame(site, options, allow_1d=True)
+    def applies(self, site: AttentionSite, options: dict) -> str | SpatialPlan:
+        reason, grid, prefix = spatial_frame(site, options, allow_1d=True)
         if reason:
             return reason
         if site.window is not None:
@@ -44,25 +44,25 @@ class NeighborhoodPass:
             reason, prefix = sequence_prefix(site, options)
             if reason:
                 return reason
+            plan = SpatialPlan(options, grid=None, prefix=prefix)
             if site.q_len is None:
-                return "dilation needs a static sequence length (export with a fixed length)" if d[1] != 1 else None
+                return "dilation needs a static sequence length (export with a fixed length)" if d[1] != 1 else plan
             local = site.q_len - prefix
             k = effective_kernel(k, d, (local, local))
             if k[1] * d[1] > local:
                 return f"kernel x dilation {k[1]}x{d[1]} is longer than the {local} local tokens"
-            return None
+            return plan
         k = effective_kernel(k, d, grid)
         span = (k[0] * d[0], k[1] * d[1])
-        return fits(grid, span, "kernel x dilation")
+        return fits(grid, span, "kernel x dilation") or SpatialPlan(options, grid=grid, prefix=prefix)
 
-    def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
-        from attnrewrite.passes import spatial_emit as E
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
+        from attnrewrite.passes.spatial import emit as E
 
         t = ir_tape.Tape(graph)
-        _, grid, prefix = spatial_frame(site, options, allow_1d=True)
+        options, grid, prefix = plan.options, plan.grid, plan.prefix
         d = options["dilation"]
         if grid is None:
-            _, prefix = sequence_prefix(site, options)
             local = site.q_len - prefix if site.q_len is not None else options["kernel"][1]
             k = effective_kernel(options["kernel"], d, (local, local))
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
@@ -84,4 +84,4 @@ def effective_kernel(kernel: tuple[int, int], dilation: tuple[int, int], sides: 
     return tuple(min(k, n) if dd == 1 else k for k, dd, n in zip(kernel, dilation, sides))
 
 
-register(NeighborhoodPass())
+NEIGHBORHOOD = NeighborhoodPass()

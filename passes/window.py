@@ -11,10 +11,10 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.spatial_common import (
-    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, fits, grid_last, narrower, sequence_prefix, spatial_frame,
+from attnrewrite.passes.spatial.common import (
+    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, SpatialPlan, fits, grid_last, narrower, sequence_prefix, spatial_frame,
 )
-from attnrewrite.registry import Param, non_negative_int, positive_int, register, size2d
+from attnrewrite.registry import BasePass, Param, non_negative_int, positive_int, show_size, size2d
 from attnrewrite.site import AttentionSite
 
 
@@ -26,11 +26,11 @@ def _shift(site: AttentionSite, size: tuple[int, int], mode: str) -> tuple[int, 
     return (0, 0)
 
 
-class WindowPass:
+class WindowPass(BasePass):
     exact = False
     description = "non-overlapping HxW windows over the token grid (Swin); shift=half|alternate for SW-MSA; 1-D sliding window for text"
     params = (
-        Param("size", size2d, (7, 7), "window size N or HxW (tokens along the sequence for 1-D)"),
+        Param("size", size2d, (7, 7), "window size N or HxW (tokens along the sequence for 1-D)", show=show_size),
         Param("shift", str, "0", "0, half, or alternate (every other site shifted by half a window)",
               choices=("0", "half", "alternate")),
         PREFIX,
@@ -41,24 +41,25 @@ class WindowPass:
     def __init__(self, name: str = "window"):
         self.name = name
 
-    def applies(self, site: AttentionSite, options: dict) -> str | None:
-        reason, grid, _ = spatial_frame(site, options, allow_1d=True)
+    def applies(self, site: AttentionSite, options: dict) -> str | SpatialPlan:
+        reason, grid, prefix = spatial_frame(site, options, allow_1d=True)
         if reason:
             return reason
         if grid is None:
             if options["size"][0] != options["size"][1] and options["size"][0] != 1:
                 return "1-D sequences take a single window length (size=N)"
-            return sequence_prefix(site, options)[0]
-        return narrower(site, options["size"]) or fits(grid, options["size"], "window")
+            reason, prefix = sequence_prefix(site, options)
+            return reason or SpatialPlan(options, grid=None, prefix=prefix)
+        return narrower(site, options["size"]) or fits(grid, options["size"], "window") or SpatialPlan(
+            options, grid=grid, prefix=prefix)
 
-    def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
-        from attnrewrite.passes import spatial_emit as E
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
+        from attnrewrite.passes.spatial import emit as E
 
         t = ir_tape.Tape(graph)
-        _, grid, prefix = spatial_frame(site, options, allow_1d=True)
+        options, grid, prefix = plan.options, plan.grid, plan.prefix
         size = options["size"]
         if grid is None:
-            _, prefix = sequence_prefix(site, options)
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
                                      window=max(size), mode="block", prefix=prefix, prefix_mode=options["prefix"],
                                      bias_per_key=site.bias_per_key)
@@ -67,29 +68,31 @@ class WindowPass:
             shift=_shift(site, size, options["shift"]), prefix_mode=options["prefix"]))
 
 
-class GridPass:
+class GridPass(BasePass):
     name = "grid"
     exact = False
     description = "MaxViT grid attention: GxG groups of tokens strided across the whole grid"
-    params = (Param("size", size2d, (7, 7), "grid G or GhxGw (tokens per group along each axis)"), PREFIX, KEEP_GLOBAL)
+    params = (Param("size", size2d, (7, 7), "grid G or GhxGw (tokens per group along each axis)", show=show_size),
+              PREFIX, KEEP_GLOBAL)
 
-    def applies(self, site: AttentionSite, options: dict) -> str | None:
-        reason, grid, _ = spatial_frame(site, options, allow_1d=False)
+    def applies(self, site: AttentionSite, options: dict) -> str | SpatialPlan:
+        reason, grid, prefix = spatial_frame(site, options, allow_1d=False)
         if reason:
             return reason
-        return narrower(site, options["size"]) or fits(grid, options["size"], "grid")
+        return narrower(site, options["size"]) or fits(grid, options["size"], "grid") or SpatialPlan(
+            options, grid=grid, prefix=prefix)
 
-    def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
-        from attnrewrite.passes import spatial_emit as E
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
+        from attnrewrite.passes.spatial import emit as E
 
-        _, grid, prefix = spatial_frame(site, options, allow_1d=False)
+        options, grid, prefix = plan.options, plan.grid, plan.prefix
         t = ir_tape.Tape(graph)
         return grid_last(t, site, lambda q, k, v, bias: E.emit_grid(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, size=options["size"],
             prefix_mode=options["prefix"]))
 
 
-class HaloPass:
+class HaloPass(BasePass):
     name = "halo"
     exact = False
     description = "HaloNet blocked local attention: each BxB query block attends to its (B+2H)^2 neighbourhood"
@@ -102,24 +105,24 @@ class HaloPass:
         KEEP_GLOBAL,
     )
 
-    def applies(self, site: AttentionSite, options: dict) -> str | None:
-        reason, grid, _ = spatial_frame(site, options, allow_1d=False)
+    def applies(self, site: AttentionSite, options: dict) -> str | SpatialPlan:
+        reason, grid, prefix = spatial_frame(site, options, allow_1d=False)
         if reason:
             return reason
         b = options["block"]  # a block larger than the grid is one block: allowed (the anchor)
-        return narrower(site, (b, b)) if site.window else None
+        return (narrower(site, (b, b)) if site.window else None) or SpatialPlan(options, grid=grid, prefix=prefix)
 
-    def rewrite(self, graph: ir.Graph, site: AttentionSite, options: dict) -> ir.Value:
-        from attnrewrite.passes import spatial_emit as E
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
+        from attnrewrite.passes.spatial import emit as E
 
-        _, grid, prefix = spatial_frame(site, options, allow_1d=False)
+        options, grid, prefix = plan.options, plan.grid, plan.prefix
         t = ir_tape.Tape(graph)
         return grid_last(t, site, lambda q, k, v, bias: E.emit_halo(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, block=options["block"],
             halo=options["halo"], border=options["border"], prefix_mode=options["prefix"]))
 
 
-register(WindowPass("window"))
-register(WindowPass("block"))
-register(GridPass())
-register(HaloPass())
+WINDOW = WindowPass("window")
+BLOCK = WindowPass("block")
+GRID = GridPass()
+HALO = HaloPass()

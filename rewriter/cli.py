@@ -8,7 +8,6 @@ stderr, never a traceback (set ATTNREWRITE_DEBUG=1 to see one).
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ import traceback
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from attnrewrite import __version__
 from attnrewrite.errors import AttnRewriteError, InputError, NoAttentionFound
@@ -59,6 +57,12 @@ def cli() -> None:
     """
 
 
+def print_report(kind: str, document: dict) -> None:
+    from attnrewrite.validate.report import SECTIONS, print_rich
+
+    print_rich(SECTIONS[kind](document))
+
+
 def emit_json(document: dict) -> None:
     """Exactly one JSON document on stdout."""
     click.echo(json.dumps(document, indent=2, default=_json_default))
@@ -78,7 +82,7 @@ def _json_default(obj):
 @click.option("--no-verify", is_flag=True, help="Skip the numerical check of each site (faster, less certain).")
 def inspect_cmd(model: str, as_json: bool, no_verify: bool) -> None:
     """List the attention sites of MODEL (and the softmaxes that are not attention, with reasons)."""
-    from attnrewrite.analysis import analyze
+    from attnrewrite.onnx.analysis import analyze
 
     with _status("Analysing model", quiet=as_json):
         analysis = analyze(model, verify=not no_verify)
@@ -86,43 +90,9 @@ def inspect_cmd(model: str, as_json: bool, no_verify: bool) -> None:
     if as_json:
         emit_json(document)
     else:
-        _print_sites(document)
+        print_report("inspect", document)
     if not document["sites"]:
         raise NoAttentionFound(f"{model}: no attention found ({len(document['rejected'])} softmax/attention nodes rejected).")
-
-
-def _print_sites(document: dict) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title=f"{document['model']} (opset {document['opset']}): {len(document['sites'])} attention sites")
-    for col in ("id", "op", "kind", "heads×dim", "q×kv", "inst", "scale", "bias", "grid+prefix", "window", "rope", "ok"):
-        table.add_column(col)
-    for s in document["sites"]:
-        grid = f"{s['grid'][0]}×{s['grid'][1]}+{s['prefix_tokens']}" if s["grid"] else "-"
-        table.add_row(
-            s["id"], s["op"], s["kind"], f"{s['num_heads']}×{s['head_dim']}", f"{s['q_len']}×{s['kv_len']}",
-            str(s["instances"]), f"{s['scale']:.4g}", s["bias"], grid,
-            f"{s['window'][0]}×{s['window'][1]}" if s["window"] else "-", "yes" if s["rotary"] else "-",
-            "✓" if s["verified"] else "✗",
-        )
-    console.print(table)
-    notes = collections.defaultdict(list)  # one line per distinct note, naming the sites it applies to
-    for s in document["sites"]:
-        for note in s.get("notes", []):
-            notes[note].append(s["id"])
-    for note, ids in notes.items():
-        console.print(f"[dim]{', '.join(ids)}: {note}[/dim]")
-    if document["rejected"]:
-        rej = Table(title="Not rewritable")
-        rej.add_column("node")
-        rej.add_column("reason")
-        for r in document["rejected"]:
-            rej.add_row(r["node"], r["reason"])
-        console.print(rej)
-    console.print(
-        "[dim]Prefix tokens (CLS, distillation, registers) stay global under spatial passes unless "
-        "prefix=local is asked for.[/dim]"
-    )
-
 
 
 def _calibration_options(fn):
@@ -135,7 +105,7 @@ def _calibration_options(fn):
 
 
 def _load_calibration(model_path: str, calib, shapes, samples, seed):
-    from attnrewrite import calib as C
+    from attnrewrite.validate import calib as C
 
     specs = C.input_specs(model_path)
     overrides = C.parse_shape_overrides(list(shapes))
@@ -143,19 +113,19 @@ def _load_calibration(model_path: str, calib, shapes, samples, seed):
 
 
 def _budgets(texts) -> list:
-    from attnrewrite import metrics as M
+    from attnrewrite.validate import metrics as M
 
     return [M.parse_budget(t) for t in texts]
 
 
 def _check_budget_outputs(budgets, outputs: list[str]) -> None:
-    from attnrewrite import metrics as M
+    from attnrewrite.validate import metrics as M
 
     M.check_output_names(budgets, outputs)
 
 
 def _output_names(path: str) -> list[str]:
-    from attnrewrite.modelio import load_model
+    from attnrewrite.onnx.modelio import load_model
 
     return [v.name for v in load_model(path).graph.outputs]
 
@@ -192,11 +162,11 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     """Rewrite the attention of MODEL with one or more passes, validating the drift of each."""
     from attnrewrite import select
     from attnrewrite.errors import BudgetExceeded
-    from attnrewrite.modelio import load_model, save_model
-    from attnrewrite.pipeline import Pipeline
+    from attnrewrite.onnx.modelio import load_model, save_model
+    from attnrewrite.validate.pipeline import Pipeline
     from attnrewrite.progress import progress_for
     from attnrewrite.registry import parse_pass
-    from attnrewrite.report import clean, header, write_report
+    from attnrewrite.validate.report import clean, header, write_report
 
     specs = [parse_pass(p) for p in passes]
     select.validate(selectors)
@@ -210,7 +180,6 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
         raise InputError(f"{out} already exists; pass --force to overwrite it.")
     ir_model = load_model(model)
     _check_budget_outputs(budgets, [v.name for v in ir_model.graph.outputs])
-    io_signature = _io_signature(ir_model)
     calibration = _load_calibration(model, calib, shapes, samples, seed)
     progress = progress_for(as_json)
     pipeline = Pipeline(path=__import__("pathlib").Path(model), batches=calibration.batches, budgets=budgets,
@@ -219,7 +188,6 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     first = reports[0]
     if not first.sites:
         raise NoAttentionFound(f"{model}: no attention found; nothing to rewrite (see `attnrewrite inspect`).")
-    _restore_io(ir_model, io_signature)
     save_model(ir_model, out, force=force, protect=(model,))
     failures = reports[-1].budget_failures
     document = clean({
@@ -235,59 +203,9 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     if as_json:
         emit_json(document)
     else:
-        _print_rewrite(document)
+        print_report("rewrite", document)
     if failures:
         raise BudgetExceeded(f"accuracy budget not met: {'; '.join(failures)} (model written to {out}).")
-
-
-def _io_signature(model):
-    return {
-        "inputs": [(v.name, v.shape, v.type) for v in model.graph.inputs],
-        "outputs": [(v.name, v.shape, v.type) for v in model.graph.outputs],
-    }
-
-
-def _restore_io(model, signature) -> None:
-    """Declare exactly the original inputs/outputs (names, dtypes, shapes, symbolic dim names)."""
-    from attnrewrite.pipeline import PassError
-
-    for values, saved in ((model.graph.inputs, signature["inputs"]), (model.graph.outputs, signature["outputs"])):
-        if [v.name for v in values] != [name for name, _, _ in saved]:
-            raise PassError("the rewritten model's input/output names differ from the original's")
-        for value, (_, shape, type_) in zip(values, saved):
-            if value.type is not None and type_ is not None and value.type != type_:
-                raise PassError(f"the rewritten model changed the dtype of {value.name}")
-            value.shape, value.type = shape, type_
-
-
-def _print_rewrite(doc: dict) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    for p in doc["passes"]:
-        table = Table(title=f"pass {p['label']}: {len(p['rewritten'])} sites rewritten in {p['seconds']} s")
-        for col in ("output", "cosine", "rel_l2", "max_abs", "snr_db", "top1"):
-            table.add_column(col)
-        for name, m in p["metrics_vs_original"].items():
-            table.add_row(name, *(_num(m.get(c)) for c in ("cosine", "rel_l2", "max_abs", "snr_db", "top1")))
-        console.print(table)
-        sites = Table(title="per site (local: same inputs; accumulated: inside the rewritten model)")
-        for col in ("site", "status", "local cos", "local rel_l2", "acc cos", "acc rel_l2", "reason"):
-            sites.add_column(col)
-        for s in p["sites"]:
-            loc, acc = s.get("local") or {}, s.get("accumulated") or {}
-            sites.add_row(s["id"], s["status"], _num(loc.get("cosine")), _num(loc.get("rel_l2")),
-                          _num(acc.get("cosine")), _num(acc.get("rel_l2")), s.get("reason") or "")
-        console.print(sites)
-    for b in doc["budgets"]:
-        console.print(f"budget {b['budget']}: {'[green]ok[/green]' if b['passed'] else '[red]FAILED[/red] ' + (b['detail'] or '')}")
-    console.print(f"wrote {doc['output']}")
-
-
-def _num(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.6g}"
-    return str(x)
 
 
 @cli.command("audit")
@@ -300,10 +218,10 @@ def _num(x) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_dir, as_json):
     """Compare AFTER with BEFORE on the same inputs: model-level and per-site drift (exit 1 over budget)."""
-    from attnrewrite.audit import audit
+    from attnrewrite.validate.audit import audit
     from attnrewrite.errors import BudgetExceeded
     from attnrewrite.progress import progress_for
-    from attnrewrite.report import write_report
+    from attnrewrite.validate.report import write_report
 
     budgets = _budgets(budget_texts or ("cosine>=0.999",))
     calibration = _load_calibration(before, calib, shapes, samples, seed)
@@ -314,29 +232,10 @@ def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_
     if as_json:
         emit_json(document)
     else:
-        _print_audit(document)
+        print_report("audit", document)
     failed = [b for b in document["budgets"] if not b["passed"]]
     if failed:
         raise BudgetExceeded("accuracy budget not met: " + "; ".join(b["detail"] or b["budget"] for b in failed) + ".")
-
-
-def _print_audit(doc: dict) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title=f"{doc['after']['path']} vs {doc['before']['path']}")
-    for col in ("output", "cosine", "rel_l2", "max_abs", "snr_db", "top1"):
-        table.add_column(col)
-    for name, m in doc["model_metrics"].items():
-        table.add_row(name, *(_num(m.get(c)) for c in ("cosine", "rel_l2", "max_abs", "snr_db", "top1")))
-    console.print(table)
-    if doc["sites"]:
-        sites = Table(title=f"per site (paired by {doc['pairing']})")
-        for col in ("site", "before", "after", "cosine", "rel_l2"):
-            sites.add_column(col)
-        for s in doc["sites"]:
-            sites.add_row(s["id"], s["before"], s["after"], _num(s["cosine"]), _num(s["rel_l2"]))
-        console.print(sites)
-    for b in doc["budgets"]:
-        console.print(f"budget {b['budget']}: {'[green]ok[/green]' if b['passed'] else '[red]FAILED[/red] ' + (b['detail'] or '')}")
 
 
 @cli.command("bench")
@@ -348,9 +247,9 @@ def _print_audit(doc: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def bench_cmd(models, shapes, warmup, repeats, threads, as_json):
     """Time MODELS side by side in one process (interleaved repeats); ratios are vs the first model."""
-    from attnrewrite import bench as B
-    from attnrewrite import calib as C
-    from attnrewrite.modelio import load_model
+    from attnrewrite.validate import bench as B
+    from attnrewrite.validate import calib as C
+    from attnrewrite.onnx.modelio import load_model
     from attnrewrite.progress import progress_for
 
     for m in models:
@@ -371,12 +270,7 @@ def bench_cmd(models, shapes, warmup, repeats, threads, as_json):
     if as_json:
         emit_json(document)
         return
-    table = Table(title=f"onnxruntime CPU, {repeats} interleaved repeats")
-    for col in ("model", "median ms", "p10 ms", "p90 ms", "speed-up vs first"):
-        table.add_column(col)
-    for r in document["results"]:
-        table.add_row(str(r["path"]), f"{r['median_ms']:.2f}", f"{r['p10_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['ratio_vs_first']:.2f}×")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print_report("bench", document)
 
 
 def dataclasses_asdict(obj):
@@ -386,15 +280,20 @@ def dataclasses_asdict(obj):
 
 
 @cli.command("passes")
-def passes_cmd() -> None:
-    """List the available passes and their parameters."""
-    from attnrewrite.registry import available
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def passes_cmd(as_json: bool) -> None:
+    """List the available passes and their parameters (defaults as `--pass` accepts them)."""
+    from attnrewrite.registry import describe_passes
 
-    for name, impl in sorted(available().items()):
-        click.echo(f"{name}{' (exact)' if impl.exact else ''}: {impl.description}")
-        for p in impl.params:
-            choices = f" [{'|'.join(p.choices)}]" if p.choices else ""
-            click.echo(f"    {p.name}={p.default}{choices}  {p.help}")
+    passes = describe_passes()
+    if as_json:
+        emit_json({"command": "passes", "passes": passes})
+        return
+    for p in passes:
+        click.echo(f"{p['name']}{' (exact)' if p['exact'] else ''}: {p['description']}")
+        for param in p["params"]:
+            choices = f" [{'|'.join(param['choices'])}]" if param["choices"] else ""
+            click.echo(f"    {param['name']}={param['default']}{choices}  {param['help']}")
 
 
 class _status:

@@ -9,7 +9,6 @@ or lossy rewrite visible in the drift numbers.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from attnrewrite import calib as C
+from attnrewrite.validate import calib as C
 from attnrewrite.errors import InputError
 
 VOCAB = 50

@@ -16,9 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the model fixtures need torch (pip install -e '.[torch]')")
 
-from attnrewrite.analysis import analyze  # noqa: E402
-from attnrewrite.canonicalize import canonicalize  # noqa: E402
-from attnrewrite.modelio import load_model  # noqa: E402
+from attnrewrite.onnx.analysis import analyze  # noqa: E402
+from attnrewrite.onnx.canonicalize import canonicalize  # noqa: E402
+from attnrewrite.onnx.modelio import load_model  # noqa: E402
 from tests.conftest import ort_run  # noqa: E402
 from tests.fixtures import EXPORTERS, FIXTURES  # noqa: E402
 from tests.test_cli_pipeline import run  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from attnrewrite.analysis import analyze
+from attnrewrite.onnx.analysis import analyze
 from tests import onnx_builders as B
 
 
@@ -93,8 +93,8 @@ def test_contrib_attention_mask_index_becomes_a_bias(tmp_path, mask):
 @pytest.mark.parametrize("stable", [True, False])
 @pytest.mark.parametrize("opset", [17, 18])
 def test_spelled_out_softmax_is_attention(tmp_path, stable, opset):
-    from attnrewrite.canonicalize import canonicalize
-    from attnrewrite.modelio import load_model
+    from attnrewrite.onnx.canonicalize import canonicalize
+    from attnrewrite.onnx.modelio import load_model
     from tests.conftest import ort_run
 
     model = B.spelled_out_softmax_attention(stable=stable, opset=opset)
@@ -140,7 +140,7 @@ def test_attention_among_constants_is_rejected_as_constant(tmp_path):
 
 def test_wrong_reading_fails_verification(tmp_path, monkeypatch):
     """If detection misread the scale, the numerical check must reject the site, never pass it."""
-    from attnrewrite import detect as D
+    from attnrewrite.onnx.detect import softmax as D
 
     original = D._logits_chain
 
@@ -168,7 +168,7 @@ def test_shape_chain_evaluator_folds_small_values_only():
     (an [N, N] mask) is left to the runtime instead of being allocated during canonicalisation."""
     import onnx_ir as ir
 
-    from attnrewrite.canonicalize import MAX_FOLDED_ELEMENTS, _evaluate
+    from attnrewrite.ir.evaluate import MAX_FOLDED_ELEMENTS, _evaluate
 
     def ev(op, *args, **attrs):
         node = ir.node(op, [ir.Value(name=f"i{i}") for i in range(len(args))], attributes=attrs)

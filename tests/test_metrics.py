@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from attnrewrite import metrics as M
+from attnrewrite.validate import metrics as M
 from attnrewrite.errors import AttnRewriteError, InputError
 
 REF = np.array([[3.0, 4.0], [6.0, 8.0]], np.float32)

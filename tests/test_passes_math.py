@@ -14,8 +14,8 @@ from attnrewrite.passes.linear import (
     linear_attention,
     linear_reference,
 )
-from attnrewrite.passes.sdpa import softmax_attention
-from attnrewrite.verify import reference_attention
+from attnrewrite.passes.ops import softmax_attention
+from attnrewrite.onnx.verify import reference_attention
 
 
 def _run(emit, arrays: dict[str, np.ndarray], opset: int) -> np.ndarray:

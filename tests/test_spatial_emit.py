@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes import spatial_emit as E
-from attnrewrite.passes import spatial_reference as R
-from attnrewrite.passes import spatial_tables as S
+from attnrewrite.passes.spatial import emit as E
+from attnrewrite.passes.spatial import reference as R
+from attnrewrite.passes.spatial import tables as S
 
 SCALE = 0.5
 TOL = 1e-5

@@ -105,7 +105,7 @@ def test_text_sliding_window_uses_token_axis(capsys, tmp_path):
 
 def test_global_tokens_keep_the_first_tokens_global(capsys, tmp_path):
     """The first token sees every key and every key-window sees it; window=1 leaves only itself + token 0."""
-    from attnrewrite.passes import spatial_reference as R
+    from attnrewrite.passes.spatial import reference as R
 
     allowed = R.allowed_sliding_1d(10, 1, prefix=1, mode="block")
     assert allowed[0].all() and allowed[:, 0].all() and (allowed.sum(-1)[1:] == 2).all()
@@ -133,8 +133,8 @@ def test_passes_chain_sdpa_then_window(capsys, vit, tmp_path):
 def test_symbolic_head_dim_is_declined_not_crashed(vit):
     import onnx_ir as ir
 
-    from attnrewrite.analysis import analyze
-    from attnrewrite.passes.spatial_common import spatial_frame
+    from attnrewrite.onnx.analysis import analyze
+    from attnrewrite.passes.spatial.common import spatial_frame
 
     site = analyze(vit).sites[0]
     assert spatial_frame(site, {}, allow_1d=False)[0] is None

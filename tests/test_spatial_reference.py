@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 
-from attnrewrite.passes import spatial_reference as R
+from attnrewrite.passes.spatial import reference as R
 
 
 def _grid_block(allowed: np.ndarray, prefix: int) -> np.ndarray:

@@ -211,13 +211,3 @@ def masked_attention(q, k, v, scale: float, allowed: np.ndarray, bias=None, zero
     if zero_keys is not None:
         denom = denom + np.asarray(zero_keys)[:, None] * np.exp(-top)
     return np.matmul(weights / denom, v.astype(np.float64))
-
-
-def __getattr__(name: str):
-    """Per-axis key-list rules and `allowed_mask` now live with the tables; old imports keep working."""
-    if name in ("AxisRule", "window_axis", "neighborhood_axis", "grid_axis", "halo_axis", "allowed_mask",
-                "zero_key_counts"):
-        from attnrewrite.passes import spatial_tables
-
-        return getattr(spatial_tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.sdpa import const, key_row
-from attnrewrite.passes.spatial_tables import bias_floor, masked_value
+from attnrewrite.passes.ops import const, key_row
+from attnrewrite.passes.spatial.tables import bias_floor, masked_value
 
 _INT64_MAX = np.iinfo(np.int64).max
 

@@ -20,18 +20,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from attnrewrite import calib
-from attnrewrite.errors import AttnRewriteError, InputError
+from attnrewrite.errors import AttnRewriteError, InputError, ort_message
+from attnrewrite.ir.dtypes import numpy_dtype_of_ort
+from attnrewrite.validate import calib
+from attnrewrite.runtime import cpu_session
 
 ModelRef = str | os.PathLike | bytes | onnx.ModelProto
-_ORT_TO_NUMPY = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
-
 @dataclasses.dataclass
 class BenchResult:
     """Latency of one model; times in milliseconds, `times_ms` in run order."""
@@ -47,20 +41,6 @@ class BenchResult:
     times_ms: list[float] = dataclasses.field(default_factory=list)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Pinned settings shared by every timed session: `threads` intra-op (default all cores), 1 inter-op, sequential."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Each session owns a thread pool whose idle threads spin; with several sessions interleaved,
-    # the spinning pool of the model that just ran steals the cores of the next one.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return opts
-
-
 def _label(model: ModelRef, index: int) -> str:
     if isinstance(model, (str, os.PathLike)):
         return str(model)
@@ -68,15 +48,15 @@ def _label(model: ModelRef, index: int) -> str:
 
 
 def make_session(model: ModelRef, threads: int | None = None, index: int = 0) -> ort.InferenceSession:
-    """A CPU session with `session_options(threads)`; missing files are InputError, ORT refusals AttnRewriteError."""
+    """A CPU session with `session_options(threads, timing=True)`; missing files are InputError, ORT refusals AttnRewriteError."""
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
         raise InputError(f"model file {model} does not exist.")
     try:
-        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+        return cpu_session(model, threads, timing=True)
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        last = ort_message(exc)
         raise AttnRewriteError(f"onnxruntime cannot load {_label(model, index)}: {last}") from exc
 
 
@@ -94,7 +74,7 @@ def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str
     try:
         session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001
-        last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        last = ort_message(exc)
         raise AttnRewriteError(f"onnxruntime failed while running {label}: {last}") from exc
     return (time.perf_counter_ns() - start) / 1e6
 
@@ -186,10 +166,10 @@ def random_feeds(
 
 
 def _spec_from_ort(arg) -> calib.InputSpec:
-    dtype = _ORT_TO_NUMPY.get(arg.type)
+    dtype = numpy_dtype_of_ort(arg.type)
     if dtype is None:
         raise InputError(f"input {arg.name!r} has type {arg.type}, which attnrewrite cannot feed.")
-    return calib.InputSpec(arg.name, np.dtype(dtype), tuple(arg.shape))
+    return calib.InputSpec(arg.name, dtype, tuple(arg.shape))
 
 
 def matmul_model(m: int, n: int, k: int, batch: int = 1) -> onnx.ModelProto:

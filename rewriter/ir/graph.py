@@ -7,7 +7,9 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
-from attnrewrite.canonicalize import const_array, static_dims
+
+#: Constants of at most this many elements are read and folded (shape vectors, scales, small masks).
+MAX_FOLDED_ELEMENTS = 4096
 
 _counter = itertools.count()
 
@@ -103,3 +105,38 @@ def compose_perm(outer: list[int], inner: list[int]) -> list[int]:
 def single_consumer(value: ir.Value) -> ir.Node | None:
     users = value.consumers()
     return users[0] if len(users) == 1 else None
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content if it has one (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and node.domain == "":
+            attr = node.attributes.get("value")
+            if attr is not None:
+                tensor = attr.as_tensor()
+            else:
+                for key, kind in (("value_float", np.float32), ("value_int", np.int64)):
+                    if key in node.attributes:
+                        return np.array(node.attributes[key].value, dtype=kind)
+                for key, kind in (("value_floats", np.float32), ("value_ints", np.int64)):
+                    if key in node.attributes:
+                        return np.array(node.attributes[key].value, dtype=kind)
+    if tensor is None:
+        return None
+    if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > MAX_FOLDED_ELEMENTS * 8:
+        return None  # never pull big weights into memory just to look at them
+    try:
+        return tensor.numpy()
+    except Exception:  # noqa: BLE001 - unreadable tensors are simply "not constant"
+        return None
+
+
+def static_dims(value: ir.Value) -> list[int | None] | None:
+    """Shape as a list with None for symbolic dims; None when even the rank is unknown."""
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from attnrewrite.passes import spatial_reference as R
+from attnrewrite.passes.spatial import reference as R
 
 #: Cost model for tile choice, in units of one logit (QKᵀ and PV multiply-adds, mask, softmax):
 #: one gathered key slot (K and V gathers, GEMM packing of the K/V tile) costs about this many.

@@ -12,13 +12,14 @@ than the window itself.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.sdpa import const
-from attnrewrite.registry import Param, non_negative_int
+from attnrewrite.passes.ops import const
+from attnrewrite.registry import Param, Plan, non_negative_int
 from attnrewrite.site import AttentionSite
 
 
@@ -37,7 +38,17 @@ PREFIX = Param("prefix", str, "global", "global: prefix tokens see and are seen 
 GLOBAL_TOKENS = Param(
     "global_tokens", non_negative_int, 1,
     "1-D sequences: the first N tokens (CLS, attention sinks) stay global, like grid prefix tokens")
-KEEP_GLOBAL = Param("keep_global", keep_global, 0, "every:K keeps every K-th site global (ViTDet style)")
+KEEP_GLOBAL = Param("keep_global", keep_global, 0, "every:K keeps every K-th site global (ViTDet style)",
+                    show=lambda k: f"every:{k}" if k else "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialPlan(Plan):
+    """Where a spatial pass acts: the token grid (None: the 1-D token axis) and the tokens kept out
+    of it (prefix/suffix tokens on a grid, `global_tokens` on a sequence)."""
+
+    grid: tuple[int, ...] | None = None
+    prefix: int = 0
 
 
 def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tuple[str | None, tuple[int, int] | None, int]:

@@ -13,10 +13,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from attnrewrite.graphutil import is_constant
+from attnrewrite.errors import ort_message
+from attnrewrite.ir.graph import is_constant
+from attnrewrite.layout import output_as_bhnd
 from attnrewrite.site import AttentionSite
-from attnrewrite.runner import session_options
-from attnrewrite.submodel import build_submodel
+from attnrewrite.runtime import cpu_session
+from attnrewrite.ir.submodel import build_submodel
 
 #: Relative L2 error above which a reading of a site is considered wrong (float32 models).
 TOLERANCE = 1e-4
@@ -48,17 +50,6 @@ def reference_attention(q, k, v, scale: float, bias=None) -> np.ndarray:
     return np.matmul(weights, v.astype(np.float32))
 
 
-def output_as_bhnd(site: AttentionSite, out: np.ndarray) -> np.ndarray:
-    """View the site's original output as [B, h, N, dv]."""
-    if site.output_layout == "squeeze1":
-        return out[:, None]
-    if site.output_layout == "merge_heads":
-        b, n, hd = out.shape
-        h = site.num_heads
-        return out.reshape(b, n, h, hd // h).transpose(0, 2, 1, 3)
-    return out
-
-
 def verify_sites(model: ir.Model, sites: list[AttentionSite]) -> dict[str, str]:
     """Check every site; returns {site id: reason} for those that fail."""
     try:
@@ -69,13 +60,8 @@ def verify_sites(model: ir.Model, sites: list[AttentionSite]) -> dict[str, str]:
             try:
                 failures.update(_verify_together(model, [site]))
             except Exception as exc:  # noqa: BLE001
-                failures[site.id] = f"could not be verified numerically: {_short(exc)}"
+                failures[site.id] = f"could not be verified numerically: {ort_message(exc)}"
         return failures
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__)[:300]
 
 
 def _site_outputs(site: AttentionSite) -> list[ir.Value]:
@@ -103,7 +89,7 @@ def _verify_together(model: ir.Model, sites: list[AttentionSite]) -> dict[str, s
                 outputs.append(value)
     proto, inputs = build_submodel(model.graph, outputs, inside)
     _bypass_fake_quant(proto)
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    session = cpu_session(proto.SerializeToString())
     last_error: Exception | None = None
     for size in _DYNAMIC_SIZES:
         feeds = _random_feeds(session, size, seed=0)
@@ -113,7 +99,7 @@ def _verify_together(model: ir.Model, sites: list[AttentionSite]) -> dict[str, s
         except Exception as exc:  # noqa: BLE001 - try the next size for symbolic dims
             last_error = exc
     else:
-        raise RuntimeError(_short(last_error))
+        raise RuntimeError(ort_message(last_error))
     failures = {}
     for site in sites:
         reason = _compare(site, results)
@@ -151,9 +137,9 @@ def _compare(site: AttentionSite, results: dict[str, np.ndarray]) -> str | None:
     bias = _head(results[site.bias.name]) if site.bias is not None else None
     try:
         expected = reference_attention(q, k, v, site.scale, bias)
-        actual = _head(output_as_bhnd(site, results[site.output.name])).astype(np.float32)
+        actual = _head(output_as_bhnd(site.output_layout, site.num_heads, results[site.output.name])).astype(np.float32)
     except ValueError as exc:
-        return f"numerical check failed: shapes do not match the site's reading ({_short(exc)})"
+        return f"numerical check failed: shapes do not match the site's reading ({ort_message(exc)})"
     if expected.shape != actual.shape:
         return f"numerical check failed: output shape {actual.shape} != expected {expected.shape}"
     both_nan = np.isnan(expected) & np.isnan(actual)

@@ -1,6 +1,8 @@
 """The pass pipeline: detect → rewrite → check → validate, once per `--pass`, with honest numbers.
 
-Each pass first writes its new attention *beside* the original one (a probe: the new subgraph reads
+Per pass and site: `applies` decides (a reason, or a plan), `fit` fits constants on calibration
+activations when the plan asks for it, `rewrite` emits, and `ensures` checks the pass's own promise
+on the measured drift. Each pass first writes its new attention *beside* the original one (a probe: the new subgraph reads
 the same Q/K/V, nothing consumes it). One onnxruntime run of that probe model gives each site's local
 drift (new vs original attention on identical inputs) and the previous model's outputs. Then the
 original outputs' uses are switched to the new ones, and a second run gives the model-level drift
@@ -23,29 +25,27 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from attnrewrite import metrics as M
-from attnrewrite.canonicalize import canonicalize
-from attnrewrite.detect import detect
-from attnrewrite.errors import AttnRewriteError, InputError
+from attnrewrite.errors import AttnRewriteError, InputError, PassError
+from attnrewrite.layout import output_as_bhnd, to_original_layout
+from attnrewrite.onnx.canonicalize import canonicalize
+from attnrewrite.onnx.detect import detect
 from attnrewrite.progress import Progress
-from attnrewrite.registry import PassSpec
-from attnrewrite.runner import make_session, run_batches, session_from_path
+from attnrewrite.registry import PassSpec, Plan, SiteDrift
 from attnrewrite.select import select
 from attnrewrite.site import AttentionSite
-from attnrewrite.verify import output_as_bhnd
+from attnrewrite.validate import metrics as M
+from attnrewrite.validate.runner import make_session, run_batches, session_from_path
+from attnrewrite.validate.signature import IOSignature
 
 SITE_TAG = "attnrewrite.site"
 PASS_TAG = "attnrewrite.pass"
 ORIGINAL_OUTPUT_TAG = "attnrewrite.original_output"
 
 
-class PassError(AttnRewriteError):
-    """A pass produced an invalid model; names the passes that already ran (exit 3)."""
-
-
 @dataclasses.dataclass
 class Rewrite:
     site: AttentionSite
+    plan: Plan
     value: ir.Value  # the new attention output, in the original layout
 
     @property
@@ -69,33 +69,13 @@ class SiteOutcome:
 # Rewriting
 
 
-def to_original_layout(graph: ir.Graph, site: AttentionSite, bhnd: ir.Value) -> ir.Value:
-    """Convert a pass's `[B, h, Nq, dv]` result back to the layout the model consumed."""
-    from onnx_ir import tape as ir_tape
-
-    t = ir_tape.Tape(graph)
-    if site.output_layout == "squeeze1":
-        return t.op("Squeeze", [bhnd, t.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})])
-    if site.output_layout == "merge_heads":
-        merged = t.op("Transpose", [bhnd], attributes={"perm": [0, 2, 1, 3]})
-        shape = ir.tensor(np.array([0, 0, -1], np.int64))
-        return t.op("Reshape", [merged, t.op("Constant", [], attributes={"value": shape})])
-    return bhnd
-
-
-def write_beside(
-    model: ir.Model, spec: PassSpec, sites: list[AttentionSite], options: dict[str, dict] | None = None
-) -> list[Rewrite]:
-    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs.
-
-    `options` maps a site id to its options when a pass fitted per-site constants.
-    """
+def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionSite, Plan]]) -> list[Rewrite]:
+    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs."""
     graph = model.graph
     rewrites = []
-    for site in sites:
+    for site, plan in planned:
         before = len(graph)
-        site_options = (options or {}).get(site.id, spec.options)
-        new = to_original_layout(graph, site, spec.impl.rewrite(graph, site, site_options))
+        new = to_original_layout(graph, site.output_layout, spec.impl.rewrite(graph, site, plan))
         new.name = f"attnrewrite/{site.id}/{spec.name}_output"
         new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
         new.metadata_props[SITE_TAG] = site.id
@@ -106,7 +86,7 @@ def write_beside(
                 node.name = f"attnrewrite/{site.id}/{spec.label()}/{node.op_type}_{count}"
         if site.output.type is not None:
             new.type = site.output.type
-        rewrites.append(Rewrite(site=site, value=new))
+        rewrites.append(Rewrite(site=site, plan=plan, value=new))
     _add_opset_imports(model)
     common_passes.TopologicalSortPass()(model)
     return rewrites
@@ -203,33 +183,35 @@ class Pipeline:
             self.original_outputs = run_batches(original, self.batches, self.output_names, tick)
 
     def run(self, model: ir.Model, specs: list[PassSpec]) -> list[PassReport]:
+        """Apply every pass in order; the model keeps the input's I/O signature exactly."""
+        signature = IOSignature.of(model)
         reports, done = [], []
         for spec in specs:
             reports.append(self.apply(model, spec, done))
             done.append(spec.label())
+        signature.restore(model)
         return reports
 
     def apply(self, model: ir.Model, spec: PassSpec, done: list[str]) -> PassReport:
         start = time.perf_counter()
         report = PassReport(spec=spec)
         canonicalize(model)
-        detection = detect(model)
-        self._check_bias_rows(model, detection.sites)
-        chosen = select(detection.sites, self.selectors) if self.selectors else list(detection.sites)
+        sites = self._check_bias_rows(model, detect(model).sites)
+        chosen = select(sites, self.selectors) if self.selectors else list(sites)
         chosen_ids = {s.id for s in chosen}
-        applicable: list[AttentionSite] = []
-        for site in detection.sites:
+        planned: list[tuple[AttentionSite, Plan]] = []
+        for site in sites:
             if site.id not in chosen_ids:
                 report.sites.append(SiteOutcome(site.id, "unselected", "not selected by --sites"))
                 continue
-            reason = _why_not(spec, site)
-            if reason:
-                report.sites.append(SiteOutcome(site.id, "skipped", reason))
+            decision = _plan(spec, site)
+            if isinstance(decision, str):
+                report.sites.append(SiteOutcome(site.id, "skipped", decision))
             else:
-                applicable.append(site)
-        options = self._fit(model, spec, applicable)
+                planned.append((site, decision))
+        planned = self._fit(model, spec, planned)
         try:
-            rewrites = write_beside(model, spec, applicable, options)
+            rewrites = write_beside(model, spec, planned)
         except AttnRewriteError:
             raise
         except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
@@ -244,6 +226,10 @@ class Pipeline:
         previous = {n: probe_out[n] for n in self.output_names}
         for r in rewrites:
             outcomes[r.site.id].local = M.site_metrics(probe_out[r.site.output.name], probe_out[r.probe_name])
+            try:
+                spec.impl.ensures(SiteDrift(site=r.site, plan=r.plan, metrics=outcomes[r.site.id].local))
+            except PassError as exc:
+                raise type(exc)(f"{exc} (passes before it: {' → '.join(done) or 'none'})") from exc
 
         # 2) switch every rewritten site on, check validity, measure model-level drift
         for r in rewrites:
@@ -265,11 +251,14 @@ class Pipeline:
         report.seconds = time.perf_counter() - start
         return report
 
-    def _fit(self, model: ir.Model, spec: PassSpec, sites: list[AttentionSite]) -> dict[str, dict]:
+    def _fit(self, model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionSite, Plan]]
+             ) -> list[tuple[AttentionSite, Plan]]:
         """Let a pass fit per-site constants on the sites' calibration activations (first batches)."""
-        fit = getattr(spec.impl, "fit", None)
-        if fit is None or not sites or not self.batches:
-            return {}
+        sites = [site for site, plan in planned if plan.needs_fit]
+        if not sites:
+            return planned
+        if not self.batches:
+            raise InputError(f"pass {spec.label()} fits on calibration data, and there is none.")
         names: dict[str, dict[str, str]] = {}
         for site in sites:
             names[site.id] = {"q": site.q.name, "k": site.k.name, "v": site.v.name, "output": site.output.name}
@@ -280,16 +269,16 @@ class Pipeline:
         batches = self.batches[: self.fit_batches]
         with self.progress.task(f"{spec.label()}: calibration activations", len(batches)) as tick:
             values = run_batches(session, batches, wanted, tick)
-        fitted = {}
-        for site in sites:
-            acts = {role: values[name] for role, name in names[site.id].items()}
-            acts["output"] = output_as_bhnd(site, acts["output"])
-            result = fit(site, acts, spec.options)
-            if result is not None:
-                fitted[site.id] = {**spec.options, "fitted": result}
+        fitted = []
+        for site, plan in planned:
+            if plan.needs_fit:
+                acts = {role: values[name] for role, name in names[site.id].items()}
+                acts["output"] = output_as_bhnd(site.output_layout, site.num_heads, acts["output"])
+                plan = spec.impl.fit(site, acts, plan)
+            fitted.append((site, plan))
         return fitted
 
-    def _check_bias_rows(self, model: ir.Model, sites: list[AttentionSite]) -> None:
+    def _check_bias_rows(self, model: ir.Model, sites: list[AttentionSite]) -> list[AttentionSite]:
         """Mark input-dependent biases whose rows are identical on real inputs as per-key.
 
         Exporters build padding masks with index arithmetic (`q_idx >= 0 & mask[k_idx]`) that is
@@ -297,15 +286,17 @@ class Pipeline:
         """
         pending = [s for s in sites if s.bias is not None and not s.bias_per_key and s.bias.name]
         if not pending or not self.batches:
-            return
+            return sites
         names = list(dict.fromkeys(s.bias.name for s in pending))
         session = make_session(model, self.base_dir, names)
         values = run_batches(session, self.batches[:1], names)
+        per_key = set()
         for site in pending:
             arr = values[site.bias.name]
             if arr.ndim >= 2 and np.array_equal(arr, np.broadcast_to(arr[..., :1, :], arr.shape)):
-                site.bias_per_key = True
-                site.notes.append("bias is the same for every query on the calibration inputs")
+                per_key.add(site.id)
+        note = "bias is the same for every query on the calibration inputs"
+        return [s.with_info(bias_per_key=True, notes=(*s.notes, note)) if s.id in per_key else s for s in sites]
 
     def _run_current(self, model, rewrites, spec, done) -> dict[str, np.ndarray]:
         names = [r.probe_name for r in rewrites]
@@ -341,23 +332,28 @@ def apply_unvalidated(model: ir.Model, spec: PassSpec, selectors: tuple[str, ...
     For benchmarks and scripted experiments on models too large to validate each time; the CLI
     always validates.
     """
+    signature = IOSignature.of(model)
     canonicalize(model)
     detection = detect(model)
     chosen = select(detection.sites, selectors) if selectors else detection.sites
-    applicable = [s for s in chosen if not _why_not(spec, s)]
-    rewrites = write_beside(model, spec, applicable)
+    planned = [(s, p) for s in chosen if not isinstance(p := _plan(spec, s), str)]
+    if any(plan.needs_fit for _, plan in planned):
+        raise InputError(f"pass {spec.label()} fits on calibration data; run it through the validated pipeline.")
+    rewrites = write_beside(model, spec, planned)
     for r in rewrites:
         switch(r, on=True)
     finalize(model)
+    signature.restore(model)
     return [r.site.id for r in rewrites]
 
 
-def _why_not(spec: PassSpec, site: AttentionSite) -> str | None:
+def _plan(spec: PassSpec, site: AttentionSite) -> str | Plan:
+    """Why the pass does not apply at `site`, or its plan there."""
     if not site.verified:
         return "not verified numerically"
     if site.output.is_graph_output():
         return "the attention output is itself a model output"
-    return spec.impl.applies(site, spec.options)
+    return spec.applies(site)
 
 
 def _site_index(site_id: str) -> int:
@@ -365,18 +361,4 @@ def _site_index(site_id: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-def check_io_unchanged(before: onnx.ModelProto | ir.Model, after: ir.Model) -> None:
-    """Input and output names, dtypes and shapes are the model's contract with its callers."""
-    def signature(values):
-        return [(v.name, v.dtype, tuple(str(d) for d in v.shape) if v.shape is not None else None) for v in values]
-
-    if isinstance(before, ir.Model):
-        b_in, b_out = signature(before.graph.inputs), signature(before.graph.outputs)
-    else:
-        m = ir.serde.deserialize_model(before)
-        b_in, b_out = signature(m.graph.inputs), signature(m.graph.outputs)
-    if b_in != signature(after.graph.inputs) or b_out != signature(after.graph.outputs):
-        raise PassError("the rewritten model's inputs or outputs differ from the original's")
-
-
-__all__ = ["InputError", "Pipeline", "PassReport", "PassError", "finalize", "check_io_unchanged"]
+__all__ = ["Pipeline", "PassReport", "apply_unvalidated", "finalize"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from attnrewrite.canonicalize import canonicalize
-from attnrewrite.detect import Detection, detect
-from attnrewrite.modelio import load_model
+from attnrewrite.onnx.canonicalize import canonicalize
+from attnrewrite.onnx.detect import Detection, detect
+from attnrewrite.onnx.modelio import load_model
 from attnrewrite.site import AttentionSite
 
 

@@ -9,15 +9,12 @@ self-attention is Q and K projected from the same token stream.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
-import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from attnrewrite.canonicalize import const_array
-from attnrewrite.graphutil import dims, is_constant
-from attnrewrite.patterns import reduced_axes
-from attnrewrite.site import AttentionSite
+from attnrewrite.ir.graph import dims, is_constant
+from attnrewrite.onnx.softmax_fusion import reduced_axes
 
 #: Ops that move or project tokens without mixing them with other token streams.
 _PROJECTION_OPS = {
@@ -46,45 +43,66 @@ _CONST = object()
 MAX_PREFIX_TOKENS = 64
 
 
-def describe(site: AttentionSite, model: ir.Model, const_memo: dict, token_memo: dict | None = None) -> None:
-    """Fill kind, rotary, window, grid, prefix_tokens and instances of a freshly detected site.
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What a site's surroundings say about it: self/cross, rotary, token grid, windows, instances."""
+
+    kind: str
+    rotary: bool
+    window: tuple[int, ...] | None
+    grid: tuple[int, ...] | None
+    prefix_tokens: int | None
+    suffix_tokens: int
+    instances: int
+    notes: tuple[str, ...]
+
+
+def describe(reading, model: ir.Model, const_memo: dict, token_memo: dict | None = None) -> Geometry:
+    """The geometry of a freshly read site (`reading` has q, k, q_len, kv_len, num_heads, output_layout).
 
     `token_memo` is shared by all sites of one detection: token streams run through every layer, so
     without it each site would walk the whole residual stream again (quadratic in depth)."""
     sources: dict = {} if token_memo is None else token_memo
-    src_q = token_source(site.q, sources, const_memo)
-    src_k = token_source(site.k, sources, const_memo)
-    same_len = site.q_len is None or site.kv_len is None or site.q_len == site.kv_len
-    site.kind = "self" if src_q is src_k and src_q is not _CONST and same_len else "cross"
-    site.rotary = has_rotary(site.q, const_memo)
-    tokens = site.q_len if site.kind == "self" else site.kv_len
-    window = find_window_partition(site.k)
-    if window is not None:
-        site.grid, site.window = window
-        site.prefix_tokens = 0
+    src_q = token_source(reading.q, sources, const_memo)
+    src_k = token_source(reading.k, sources, const_memo)
+    same_len = reading.q_len is None or reading.kv_len is None or reading.q_len == reading.kv_len
+    kind = "self" if src_q is src_k and src_q is not _CONST and same_len else "cross"
+    tokens = reading.q_len if kind == "self" else reading.kv_len
+    grid = window = prefix = None
+    suffix, notes = 0, []
+    partition = find_window_partition(reading.k)
+    if partition is not None:
+        (grid, window), prefix = partition, 0
     else:
-        grid = find_patch_grid(site.k) or (find_flattened_feature_map(site.k, tokens) if tokens else None)
-        if grid is not None and tokens is not None:
-            prefix = tokens - grid[0] * grid[1]
-            if 0 <= prefix <= MAX_PREFIX_TOKENS:
-                site.grid, site.prefix_tokens = grid, prefix
-                if prefix:
-                    layout = find_token_layout(site.k, grid[0] * grid[1])
-                    if layout is not None and sum(layout) == prefix and layout[1]:
-                        site.prefix_tokens, site.suffix_tokens = layout
-                        site.notes.append(f"{layout[1]} tokens follow the patch tokens (e.g. detection tokens)")
+        found = find_patch_grid(reading.k) or (find_flattened_feature_map(reading.k, tokens) if tokens else None)
+        if found is not None and tokens is not None:
+            extra = tokens - found[0] * found[1]
+            if 0 <= extra <= MAX_PREFIX_TOKENS:
+                grid, prefix = found, extra
+                if extra:
+                    layout = find_token_layout(reading.k, found[0] * found[1])
+                    if layout is not None and sum(layout) == extra and layout[1]:
+                        prefix, suffix = layout
+                        notes.append(f"{layout[1]} tokens follow the patch tokens (e.g. detection tokens)")
             else:
-                site.notes.append(f"patch grid {grid[0]}x{grid[1]} does not match {tokens} tokens")
-        elif grid is not None:
-            site.grid = grid
-    batch = (dims(site.q) or [None])[0]
+                notes.append(f"patch grid {found[0]}x{found[1]} does not match {tokens} tokens")
+        elif found is not None:
+            grid = found
+    return Geometry(kind=kind, rotary=has_rotary(reading.q, const_memo), window=window, grid=grid,
+                    prefix_tokens=prefix, suffix_tokens=suffix,
+                    instances=_instances(reading, grid, window), notes=tuple(notes))
+
+
+def _instances(reading, grid, window) -> int:
+    """Independent attention problems per run: the batch (without folded heads), or windows per image."""
+    batch = (dims(reading.q) or [None])[0]
     if isinstance(batch, int):
-        folded_heads = site.output_layout == "squeeze1" and site.num_heads
-        site.instances = batch // site.num_heads if folded_heads and batch % site.num_heads == 0 else batch
-    elif site.window and site.grid:
-        site.instances = (site.grid[0] // site.window[0]) * (site.grid[1] // site.window[1])
-    else:
-        site.instances = 1
+        heads = reading.num_heads
+        folded = reading.output_layout == "squeeze1" and heads
+        return batch // heads if folded and batch % heads == 0 else batch
+    if window and grid:
+        return (grid[0] // window[0]) * (grid[1] // window[1])
+    return 1
 
 
 def token_source(value: ir.Value, memo: dict, const_memo: dict, depth: int = 0):
@@ -288,24 +306,4 @@ def heads_from_reshape(q: ir.Value, head_dim: int | None, limit: int = 12) -> in
     return None
 
 
-def evaluate_constant(value: ir.Value, max_elements: int = 1 << 24) -> np.ndarray | None:
-    """Compute a constant-only value with onnxruntime (any op), or None if it cannot be run."""
-    arr = const_array(value)
-    if arr is not None:
-        return arr
-    from attnrewrite.submodel import build_submodel
-
-    try:
-        proto, inputs = build_submodel(value.graph, [value])
-        if inputs:
-            return None
-        from attnrewrite.runner import session_options
-
-        sess = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-        (out,) = sess.run(None, {})
-    except Exception:  # noqa: BLE001 - e.g. an op ORT lacks; the value stays symbolic
-        return None
-    return out if out.size <= max_elements else None
-
-
-__all__ = ["describe", "evaluate_constant", "heads_from_reshape"]
+__all__ = ["Geometry", "describe", "heads_from_reshape"]

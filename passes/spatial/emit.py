@@ -23,12 +23,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes import spatial_reference as R
-from attnrewrite.passes.spatial_tables import (  # noqa: F401  (re-exported for passes/benchmarks)
+from attnrewrite.passes.spatial import reference as R
+from attnrewrite.passes.spatial.tables import (  # noqa: F401  (re-exported for passes/benchmarks)
     AxisRule, TileTables, bias_floor, build_tables, masked_value, rules_grid, rules_halo, rules_neighborhood,
     rules_window, window_axis,
 )
-from attnrewrite.passes import spatial_tables as S
+from attnrewrite.passes.spatial import tables as S
 
 #: Tables at least this many elements become shared, content-named initializers.
 _SHARED_MIN_SIZE = 256
@@ -259,7 +259,7 @@ def emit_sliding_1d(t, q, k, v, *, scale, bias, window: int, mode: str = "center
     (`block`); a key-padding bias [B,1,1,T] is honoured. A window longer than the sequence is full
     attention. A symbolic sequence length takes `spatial_dynamic` (no dilation there)."""
     if not isinstance(q.shape[2] if q.shape is not None and len(q.shape) == 4 else None, int):
-        from attnrewrite.passes.spatial_dynamic import emit_sliding_1d_dynamic
+        from attnrewrite.passes.spatial.dynamic import emit_sliding_1d_dynamic
 
         if dilation != 1:
             raise ValueError("dilation needs a static sequence length")

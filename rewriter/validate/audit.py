@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import onnx
 
-from attnrewrite import metrics as M
-from attnrewrite.analysis import analyze
+from attnrewrite.validate import metrics as M
+from attnrewrite.onnx.analysis import analyze
 from attnrewrite.errors import InputError
-from attnrewrite.modelio import load_model
-from attnrewrite.pipeline import ORIGINAL_OUTPUT_TAG
+from attnrewrite.onnx.modelio import load_model
+from attnrewrite.validate.pipeline import ORIGINAL_OUTPUT_TAG
 from attnrewrite.progress import Progress
-from attnrewrite.report import clean, sha256_of
-from attnrewrite.runner import run_batches, session_from_path
+from attnrewrite.validate.report import clean, sha256_of
+from attnrewrite.validate.runner import run_batches, session_from_path
 
 
 def pair_sites(before: str, after: str) -> tuple[str, list[tuple[str, str, str]]]:

@@ -23,13 +23,8 @@ import numpy as np
 import onnx
 
 from attnrewrite.errors import InputError
+from attnrewrite.ir.dtypes import numpy_dtype
 
-_ONNX_TO_NUMPY = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT16: np.int16,
-    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.UINT32: np.uint32,
-    onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
-}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -87,7 +82,7 @@ def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
         if inp.name in inits:
             continue
         ttype = inp.type.tensor_type
-        dtype = _ONNX_TO_NUMPY.get(ttype.elem_type)
+        dtype = numpy_dtype(ttype.elem_type)
         if dtype is None:
             type_name = onnx.TensorProto.DataType.Name(ttype.elem_type) if ttype.elem_type else "non-tensor"
             raise InputError(f"input {inp.name!r} has element type {type_name}, which attnrewrite cannot feed.")

@@ -18,15 +18,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from attnrewrite.errors import AttnRewriteError, InputError
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 4  # we report failures ourselves, in one sentence
-    return opts
+from attnrewrite.errors import AttnRewriteError, InputError, ort_message
+from attnrewrite.runtime import cpu_session
 
 
 def proto_with_outputs(proto: onnx.ModelProto, extra: Iterable[str]) -> onnx.ModelProto:
@@ -58,16 +51,16 @@ def make_session(model: ir.Model | onnx.ModelProto, base_dir: Path | None, extra
     has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     try:
         if not has_external or base_dir is None:
-            return ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+            return cpu_session(proto.SerializeToString())
         fd, tmp = tempfile.mkstemp(prefix=".attnrewrite-validate-", suffix=".onnx", dir=base_dir)
         os.close(fd)
         try:
             onnx.save(proto, tmp)
-            return ort.InferenceSession(tmp, session_options(), providers=["CPUExecutionProvider"])
+            return cpu_session(tmp)
         finally:
             os.unlink(tmp)
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        raise AttnRewriteError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[-1][:300]}") from exc
+        raise AttnRewriteError(f"onnxruntime cannot load the model: {ort_message(exc)}") from exc
 
 
 def session_from_path(path: str | os.PathLike, extra_outputs: Iterable[str] = ()) -> ort.InferenceSession:
@@ -79,9 +72,9 @@ def session_from_path(path: str | os.PathLike, extra_outputs: Iterable[str] = ()
     extra = list(extra_outputs)
     if not extra:
         try:
-            return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+            return cpu_session(str(path))
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"onnxruntime cannot load {path} as it is: {str(exc).strip().splitlines()[-1][:300]}") from exc
+            raise InputError(f"onnxruntime cannot load {path} as it is: {ort_message(exc)}") from exc
     proto = onnx.load(str(path), load_external_data=False)
     try:
         return make_session(proto, Path(path).resolve().parent, extra)
@@ -103,7 +96,7 @@ def run_batches(
         try:
             outs = session.run(names, feeds)
         except Exception as exc:  # noqa: BLE001
-            raise AttnRewriteError(f"onnxruntime failed while running the model: {str(exc).strip().splitlines()[-1][:300]}") from exc
+            raise AttnRewriteError(f"onnxruntime failed while running the model: {ort_message(exc)}") from exc
         for name, out in zip(names, outs):
             collected[name].append(np.asarray(out))
         if progress:

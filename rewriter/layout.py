@@ -1,0 +1,36 @@
+"""The one place that knows how a site's output layout relates to the `[B, h, Nq, dv]` view.
+
+Detection records it (`SiteInfo.output_layout`); passes always produce `[B, h, Nq, dv]`; the
+pipeline converts their result back to what the model's consumers read, and validation views the
+original output the same way. Three layouts occur in exports: "bhnd" (already the view), "squeeze1"
+(`[B·h, N, d]`, heads folded into the batch by older exporters) and "merge_heads" (`[B, N, h·d]`,
+fused attention ops).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
+
+def to_original_layout(graph: ir.Graph, layout: str, bhnd: ir.Value) -> ir.Value:
+    """Convert a pass's `[B, h, Nq, dv]` result back to the layout the model consumed."""
+    t = ir_tape.Tape(graph)
+    if layout == "squeeze1":
+        return t.op("Squeeze", [bhnd, t.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})])
+    if layout == "merge_heads":
+        merged = t.op("Transpose", [bhnd], attributes={"perm": [0, 2, 1, 3]})
+        shape = ir.tensor(np.array([0, 0, -1], np.int64))
+        return t.op("Reshape", [merged, t.op("Constant", [], attributes={"value": shape})])
+    return bhnd
+
+
+def output_as_bhnd(layout: str, num_heads: int | None, out: np.ndarray) -> np.ndarray:
+    """View an original attention output (as computed) as `[B, h, N, dv]`."""
+    if layout == "squeeze1":
+        return out[:, None]
+    if layout == "merge_heads":
+        b, n, hd = out.shape
+        return out.reshape(b, n, num_heads, hd // num_heads).transpose(0, 2, 1, 3)
+    return out
