@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes.spatial.common import (
-    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, SpatialPlan, fits, grid_last, sequence_prefix, spatial_frame,
+    GLOBAL_TOKENS, KEEP_GLOBAL, LAYOUT, PREFIX, SpatialPlan, fits, grid_last, per_axis, sequence_prefix, spatial_frame,
 )
 from attnrewrite.registry import BasePass, Param, show_size, size2d
 from attnrewrite.site import AttentionSite
@@ -24,10 +24,11 @@ class NeighborhoodPass(BasePass):
     exact = False
     description = "NATTEN neighborhood attention: each token sees exactly KxK neighbours (clamped at borders); dilation=D for DiNA; 1-D for text"
     params = (
-        Param("kernel", size2d, (7, 7), "kernel K or KhxKw (tokens along the sequence for 1-D)", show=show_size),
-        Param("dilation", size2d, (1, 1), "dilation D or DhxDw", show=show_size),
+        Param("kernel", size2d, (7, 7), "kernel K, KhxKw or KfxKhxKw (tokens along the sequence for 1-D)", show=show_size),
+        Param("dilation", size2d, (1, 1), "dilation D, DhxDw or DfxDhxDw", show=show_size),
         PREFIX,
         GLOBAL_TOKENS,
+        LAYOUT,
         KEEP_GLOBAL,
     )
 
@@ -52,8 +53,11 @@ class NeighborhoodPass(BasePass):
             if k[1] * d[1] > local:
                 return f"kernel x dilation {k[1]}x{d[1]} is longer than the {local} local tokens"
             return plan
+        (k, reason), (d, reason_d) = per_axis(k, grid, "kernel"), per_axis(d, grid, "dilation")
+        if reason or reason_d:
+            return reason or reason_d
         k = effective_kernel(k, d, grid)
-        span = (k[0] * d[0], k[1] * d[1])
+        span = tuple(kk * dd for kk, dd in zip(k, d))
         return fits(grid, span, "kernel x dilation") or SpatialPlan(options, grid=grid, prefix=prefix)
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
@@ -69,12 +73,13 @@ class NeighborhoodPass(BasePass):
                                      window=k[1], mode="centered", dilation=d[1],
                                      prefix=prefix, prefix_mode=options["prefix"],
                                      bias_per_key=site.bias_per_key)
+        kernel, d = per_axis(options["kernel"], grid, "kernel")[0], per_axis(d, grid, "dilation")[0]
         return grid_last(t, site, lambda q, k, v, bias: E.emit_neighborhood(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix,
-            kernel=effective_kernel(options["kernel"], d, grid), dilation=d, prefix_mode=options["prefix"]))
+            kernel=effective_kernel(kernel, d, grid), dilation=d, prefix_mode=options["prefix"]))
 
 
-def effective_kernel(kernel: tuple[int, int], dilation: tuple[int, int], sides: tuple[int, int]) -> tuple[int, int]:
+def effective_kernel(kernel: tuple[int, ...], dilation: tuple[int, ...], sides: tuple[int, ...]) -> tuple[int, ...]:
     """An undilated kernel at least as long as its axis is that axis: every query sees all of it.
 
     So `kernel=2·side−1` (the kernel that covers the whole grid from any centre) is full attention,

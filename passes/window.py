@@ -12,29 +12,30 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes.spatial.common import (
-    GLOBAL_TOKENS, KEEP_GLOBAL, PREFIX, SpatialPlan, fits, grid_last, narrower, sequence_prefix, spatial_frame,
+    GLOBAL_TOKENS, KEEP_GLOBAL, LAYOUT, PREFIX, SpatialPlan, fits, grid_last, narrower, only_2d, per_axis,
+    sequence_prefix, spatial_frame,
 )
 from attnrewrite.registry import BasePass, Param, non_negative_int, positive_int, show_size, size2d
 from attnrewrite.site import AttentionSite
 
 
-def _shift(site: AttentionSite, size: tuple[int, int], mode: str) -> tuple[int, int]:
+def _shift(site: AttentionSite, size: tuple[int, ...], mode: str) -> tuple[int, ...]:
     """Half-window shift for `half`, and for `alternate` on every odd site (Swin's SW-MSA blocks)."""
-    half = (size[0] // 2, size[1] // 2)
     if mode == "half" or (mode == "alternate" and site.layer % 2 == 1):
-        return half
-    return (0, 0)
+        return tuple(s // 2 for s in size)
+    return (0,) * len(size)
 
 
 class WindowPass(BasePass):
     exact = False
-    description = "non-overlapping HxW windows over the token grid (Swin); shift=half|alternate for SW-MSA; 1-D sliding window for text"
+    description = "non-overlapping HxW (FxHxW on video) windows over the token grid (Swin, Video Swin); shift=half|alternate for SW-MSA; 1-D sliding window for text"
     params = (
-        Param("size", size2d, (7, 7), "window size N or HxW (tokens along the sequence for 1-D)", show=show_size),
+        Param("size", size2d, (7, 7), "window size N, HxW or FxHxW (tokens along the sequence for 1-D)", show=show_size),
         Param("shift", str, "0", "0, half, or alternate (every other site shifted by half a window)",
               choices=("0", "half", "alternate")),
         PREFIX,
         GLOBAL_TOKENS,
+        LAYOUT,
         KEEP_GLOBAL,
     )
 
@@ -50,7 +51,8 @@ class WindowPass(BasePass):
                 return "1-D sequences take a single window length (size=N)"
             reason, prefix = sequence_prefix(site, options)
             return reason or SpatialPlan(options, grid=None, prefix=prefix)
-        return narrower(site, options["size"]) or fits(grid, options["size"], "window") or SpatialPlan(
+        size, reason = per_axis(options["size"], grid, "size")
+        return reason or narrower(site, size) or fits(grid, size, "window") or SpatialPlan(
             options, grid=grid, prefix=prefix)
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
@@ -63,6 +65,7 @@ class WindowPass(BasePass):
             return E.emit_sliding_1d(t, site.q, site.k, site.v, scale=site.scale, bias=site.bias,
                                      window=max(size), mode="block", prefix=prefix, prefix_mode=options["prefix"],
                                      bias_per_key=site.bias_per_key)
+        size, _ = per_axis(size, grid, "size")
         return grid_last(t, site, lambda q, k, v, bias: E.emit_window(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, size=size,
             shift=_shift(site, size, options["shift"]), prefix_mode=options["prefix"]))
@@ -79,7 +82,8 @@ class GridPass(BasePass):
         reason, grid, prefix = spatial_frame(site, options, allow_1d=False)
         if reason:
             return reason
-        return narrower(site, options["size"]) or fits(grid, options["size"], "grid") or SpatialPlan(
+        return only_2d(grid, "grid attention") or narrower(site, options["size"]) or fits(
+            grid, options["size"], "grid") or SpatialPlan(
             options, grid=grid, prefix=prefix)
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
@@ -110,7 +114,8 @@ class HaloPass(BasePass):
         if reason:
             return reason
         b = options["block"]  # a block larger than the grid is one block: allowed (the anchor)
-        return (narrower(site, (b, b)) if site.window else None) or SpatialPlan(options, grid=grid, prefix=prefix)
+        return only_2d(grid, "halo attention") or (narrower(site, (b, b)) if site.window else None) or SpatialPlan(
+            options, grid=grid, prefix=prefix)
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: SpatialPlan) -> ir.Value:
         from attnrewrite.passes.spatial import emit as E

@@ -4,7 +4,8 @@ Detection records it (`SiteInfo.output_layout`); passes always produce `[B, h, N
 pipeline converts their result back to what the model's consumers read, and validation views the
 original output the same way. Three layouts occur in exports: "bhnd" (already the view), "squeeze1"
 (`[B·h, N, d]`, heads folded into the batch by older exporters) and "merge_heads" (`[B, N, h·d]`,
-fused attention ops).
+fused attention ops); Hiera's mask-unit attention adds "units" (`[B, h, U, N, d]`, viewed as
+`[B·U, h, N, d]`: each unit is an instance).
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 
-def to_original_layout(graph: ir.Graph, layout: str, bhnd: ir.Value) -> ir.Value:
-    """Convert a pass's `[B, h, Nq, dv]` result back to the layout the model consumed."""
+def to_original_layout(graph: ir.Graph, layout: str, bhnd: ir.Value, original: ir.Value | None = None) -> ir.Value:
+    """Convert a pass's `[B, h, Nq, dv]` result back to the layout the model consumed (`original`,
+    the output it replaces, gives the unit count of the "units" layout)."""
     t = ir_tape.Tape(graph)
+    if layout == "units":
+        _, heads, units, tokens, dv = original.shape
+        shape = ir.tensor(np.array([-1, units, heads, tokens, dv], np.int64))
+        split = t.op("Reshape", [bhnd, t.op("Constant", [], attributes={"value": shape})])
+        return t.op("Transpose", [split], attributes={"perm": [0, 2, 1, 3, 4]})
     if layout == "squeeze1":
         return t.op("Squeeze", [bhnd, t.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})])
     if layout == "merge_heads":
@@ -30,6 +37,9 @@ def output_as_bhnd(layout: str, num_heads: int | None, out: np.ndarray) -> np.nd
     """View an original attention output (as computed) as `[B, h, N, dv]`."""
     if layout == "squeeze1":
         return out[:, None]
+    if layout == "units":
+        b, h, u, n, dv = out.shape
+        return out.transpose(0, 2, 1, 3, 4).reshape(b * u, h, n, dv)
     if layout == "merge_heads":
         b, n, hd = out.shape
         return out.reshape(b, n, num_heads, hd // num_heads).transpose(0, 2, 1, 3)

@@ -211,15 +211,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def size2d(text: str) -> tuple[int, int]:
-    """`7` → (7, 7); `7x5` → (7, 5)."""
+def size2d(text: str) -> tuple[int, ...]:
+    """`7` → (7, 7); `7x5` → (7, 5); `4x7x7` → (4, 7, 7) for 3-D (video) grids."""
     parts = text.lower().split("x")
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2:
-        raise ValueError("expected N or HxW")
-    h, w = (positive_int(p) for p in parts)
-    return h, w
+    if len(parts) not in (2, 3):
+        raise ValueError("expected N, HxW or FxHxW")
+    return tuple(positive_int(p) for p in parts)
 
 
 def show_size(value: tuple[int, ...]) -> str:

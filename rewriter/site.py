@@ -22,7 +22,7 @@ import onnx_ir as ir
 BiasKind = Literal["none", "constant", "input"]
 #: How the original output relates to the `[B, h, Nq, dv]` view: "bhnd" (the same), "squeeze1"
 #: (`[B·h, N, d]`, heads folded into the batch) or "merge_heads" (`[B, N, h·d]`, fused ops).
-Layout = Literal["bhnd", "squeeze1", "merge_heads"]
+Layout = Literal["bhnd", "squeeze1", "merge_heads", "units"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,9 @@ class SiteInfo:
     rotary: bool
     output_layout: Layout
     notes: tuple[str, ...] = ()
+    #: the tokens were made by a convolution (image, video, feature map): a site with no traced grid
+    #: is still spatial, never a 1-D sequence unless the user says so
+    vision: bool = False
 
 
 _INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(SiteInfo))
@@ -102,6 +105,7 @@ class AttentionSite:
             "prefix_tokens": i.prefix_tokens,
             "suffix_tokens": i.suffix_tokens,
             "rotary": i.rotary,
+            "vision": i.vision,
             "verified": self.verified,
             "nodes": [n.name or "" for n in self.nodes],
             "notes": list(i.notes),

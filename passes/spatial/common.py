@@ -38,6 +38,10 @@ PREFIX = Param("prefix", str, "global", "global: prefix tokens see and are seen 
 GLOBAL_TOKENS = Param(
     "global_tokens", non_negative_int, 1,
     "1-D sequences: the first N tokens (CLS, attention sinks) stay global, like grid prefix tokens")
+LAYOUT = Param(
+    "layout", str, "auto",
+    "auto: the traced token grid, a 1-D sequence only for text; sequence: treat the tokens as a 1-D sequence",
+    choices=("auto", "sequence"))
 KEEP_GLOBAL = Param("keep_global", keep_global, 0, "every:K keeps every K-th site global (ViTDet style)",
                     show=lambda k: f"every:{k}" if k else "none")
 
@@ -63,6 +67,10 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
     for name, value in (("Q", site.q), ("V", site.v)):
         if value.shape is None or len(value.shape) != 4 or not isinstance(value.shape[3], int):
             return f"the head dimension of {name} is not static, so tiles cannot be laid out", None, 0
+    if options.get("layout") == "sequence":
+        if not allow_1d:
+            return "layout=sequence: this pass needs a token grid", None, 0
+        return None, None, 0
     if site.window is not None:
         return None, site.window, 0
     if site.grid is not None and site.prefix_tokens is not None:
@@ -70,6 +78,11 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
             return "tokens follow the grid and the token count is dynamic", None, 0
         # tokens after the grid (YOLOS' detection tokens) are moved in front: see `grid_last`
         return None, site.grid, site.prefix_tokens + site.suffix_tokens
+    if site.vision:
+        # the tokens come from a convolution: their order is spatial, and a 1-D window over it would
+        # be a geometrically wrong rewrite reported as a success (issue: video tokens read as text)
+        return ("vision tokens (from a convolution) with no token grid traced to a patch embedding; "
+                "not rewritten as a 1-D sequence (layout=sequence asks for that)"), None, 0
     if allow_1d and site.grid is None:
         return None, None, 0
     return "no token grid traced to a patch embedding", None, 0
@@ -96,9 +109,29 @@ def narrower(site: AttentionSite, size: tuple[int, int]) -> str | None:
     return None
 
 
-def fits(grid: tuple[int, int], size: tuple[int, int], what: str) -> str | None:
-    if size[0] > grid[0] or size[1] > grid[1]:
-        return f"{what} {size[0]}x{size[1]} is larger than the {grid[0]}x{grid[1]} grid"
+def fits(grid: tuple[int, ...], size: tuple[int, ...], what: str) -> str | None:
+    if any(s > g for s, g in zip(size, grid)):
+        return f"{what} {_x(size)} is larger than the {_x(grid)} grid"
+    return None
+
+
+def _x(values) -> str:
+    return "x".join(str(v) for v in values)
+
+
+def per_axis(value: tuple[int, ...], grid: tuple[int, ...], name: str) -> tuple[tuple[int, ...] | None, str | None]:
+    """A size parameter on this grid: 2-D takes it as given; on a 3-D (F×H×W) grid `N` or `NxN`
+    means N on every axis and `FxHxW` is per axis; anything else is the reason it does not apply."""
+    if len(value) == len(grid):
+        return tuple(value), None
+    if len(grid) == 3 and len(value) == 2 and value[0] == value[1]:
+        return (value[0],) * 3, None
+    return None, f"{name}={_x(value)} does not fit the {_x(grid)} grid; give one size per axis ({'x'.join('N' * len(grid))})"
+
+
+def only_2d(grid: tuple[int, ...] | None, what: str) -> str | None:
+    if grid is not None and len(grid) != 2:
+        return f"{what} is defined on 2-D grids; this site has a {_x(grid)} grid"
     return None
 
 

@@ -222,17 +222,30 @@ def _typed(out: ir.Value, q: ir.Value, n_total: int, dv: int) -> ir.Value:
 # --- the variants -------------------------------------------------------------------------------
 
 
-def emit_window(t, q, k, v, *, scale, bias, grid, prefix, size, shift=(0, 0), prefix_mode="global") -> ir.Value:
-    """Swin W-MSA (shift 0) / SW-MSA (cut-point form); partial windows at the ends (pad + mask)."""
-    ry, rx = rules_window(grid, size, shift)
+def emit_window(t, q, k, v, *, scale, bias, grid, prefix, size, shift=None, prefix_mode="global") -> ir.Value:
+    """Swin W-MSA (shift 0) / SW-MSA (cut-point form); partial windows at the ends (pad + mask).
+    A 3-D grid (F, H, W) takes 3-D `size` and `shift` (Video Swin)."""
+    shift = (0,) * len(grid) if shift is None else shift
+    if len(grid) == 3:  # F×H×W is the 2-D grid (F·H)×W with merged axis rules
+        ry, rx = S.rules_window_3d(grid, size, shift)
+        grid = (grid[0] * grid[1], grid[2])
+    else:
+        ry, rx = rules_window(grid, size, shift)
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=grid, prefix=prefix, rule_y=ry, rule_x=rx,
                       prefix_mode=prefix_mode)
 
 
-def emit_neighborhood(t, q, k, v, *, scale, bias, grid, prefix, kernel, dilation=(1, 1), prefix_mode="global",
+def emit_neighborhood(t, q, k, v, *, scale, bias, grid, prefix, kernel, dilation=None, prefix_mode="global",
                       tile=None, stride=(1, 1)) -> ir.Value:
     """NATTEN neighbourhood (clamped), DiNA with `dilation`, GNA with `stride`; `tile=None` = cost model."""
-    ry, rx = rules_neighborhood(grid, kernel, dilation, tile, stride)
+    dilation = (1,) * len(grid) if dilation is None else dilation
+    if len(grid) == 3:
+        if stride != (1, 1):
+            raise ValueError("strided neighbourhoods are 2-D only")
+        ry, rx = S.rules_neighborhood_3d(grid, kernel, dilation, tile)
+        grid = (grid[0] * grid[1], grid[2])
+    else:
+        ry, rx = rules_neighborhood(grid, kernel, dilation, tile, stride)
     return emit_tiled(t, q, k, v, scale=scale, bias=bias, grid=grid, prefix=prefix, rule_y=ry, rule_x=rx,
                       prefix_mode=prefix_mode)
 

@@ -144,6 +144,37 @@ def combine(grid: tuple[int, int], prefix: int, mask_y: np.ndarray, mask_x: np.n
     return allowed
 
 
+def combine_nd(grid: tuple[int, ...], prefix: int, masks: list[np.ndarray], prefix_mode: str = "global") -> np.ndarray:
+    """bool[P+N, P+N] for any number of axes: grid block = mask_0 ⊗ mask_1 ⊗ … (row-major tokens)."""
+    if prefix_mode not in PREFIX_MODES:
+        raise ValueError(f"{prefix_mode=} must be one of {PREFIX_MODES}")
+    if [m.shape for m in masks] != [(n, n) for n in grid]:
+        raise ValueError(f"axis masks {[m.shape for m in masks]} do not match {grid=}")
+    block = masks[0]
+    for m in masks[1:]:
+        block = np.kron(block, m)
+    n = prefix + block.shape[0]
+    allowed = np.zeros((n, n), dtype=bool)
+    allowed[prefix:, prefix:] = block
+    allowed[:prefix, :prefix] = True
+    if prefix_mode == "global":
+        allowed[:prefix, :] = True
+        allowed[:, :prefix] = True
+    return allowed
+
+
+def allowed_window_3d(grid, prefix: int, size, shift=(0, 0, 0), prefix_mode: str = "global") -> np.ndarray:
+    """Video Swin: F×H×W windows (cut-point form of the cyclic shift on every axis)."""
+    return combine_nd(tuple(grid), prefix, [window_axis_mask(n, s, a) for n, s, a in zip(grid, size, shift)],
+                      prefix_mode)
+
+
+def allowed_neighborhood_3d(grid, prefix: int, kernel, dilation=(1, 1, 1), prefix_mode: str = "global") -> np.ndarray:
+    """NATTEN na3d: each token sees Kf×Kh×Kw neighbours, clamped at every border, dilated per axis."""
+    return combine_nd(tuple(grid), prefix, [neighborhood_axis_mask(n, k, d) for n, k, d in zip(grid, kernel, dilation)],
+                      prefix_mode)
+
+
 def allowed_window(grid, prefix: int, size, shift=(0, 0), prefix_mode: str = "global") -> np.ndarray:
     (h, w), (sh, sw), (ah, aw) = pair(grid), pair(size, "size"), pair(shift, "shift")
     return combine((h, w), prefix, window_axis_mask(h, sh, ah), window_axis_mask(w, sw, aw), prefix_mode)

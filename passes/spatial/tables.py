@@ -117,7 +117,7 @@ class AxisTable:
 
 
 def axis_table(rule: AxisRule) -> AxisTable:
-    n, tq = len(rule.tiles), max(len(t) for t in rule.tiles)
+    tq = max(len(t) for t in rule.tiles)
     regions = [np.flatnonzero(rule.mask[list(t)].any(0)) for t in rule.tiles]
     r = max(len(reg) for reg in regions)
     query_index = np.array([list(t) + [t[0]] * (tq - len(t)) for t in rule.tiles], np.int64)
@@ -269,6 +269,44 @@ def rules_grid(grid, size):
 def rules_halo(grid, block, halo, border="mask"):
     (h, w), (bh, bw), (hh, hw) = R.pair(grid), R.pair(block), R.pair(halo)
     return halo_axis(h, bh, hh, border), halo_axis(w, bw, hw, border)
+
+
+# --- 3-D grids (video: F×H×W) ------------------------------------------------------------------------
+
+
+def merge_axes(outer: AxisRule, inner: AxisRule) -> AxisRule:
+    """Two axes as one, position `i·len(inner) + j` (row-major): exact, because every variant's mask
+    is a product of per-axis masks, so tiles, key regions and masks of the product are products too.
+    A 3-D grid F×H×W is then the 2-D grid (F·H)×W for the tables and the emitter."""
+    if outer.extent is not None or inner.extent is not None:
+        raise ValueError("zero-padded (halo border=zero) axes cannot be merged")
+    n = inner.mask.shape[0]
+    tiles = tuple(tuple(i * n + j for i in a for j in b) for a in outer.tiles for b in inner.tiles)
+    return AxisRule(np.kron(outer.mask, inner.mask), tiles)
+
+
+def choose_tiles_nd(grid, kernel, dilation) -> tuple[int, ...]:
+    """Per-axis tile sizes for an N-D neighbourhood minimising the same cost model as `choose_tiles`."""
+    cands = [_axis_candidates(n, k, d, 1) for n, k, d in zip(grid, kernel, dilation)]
+
+    def cost(combo):
+        return (math.prod(c.stats[0] for c in combo) + GATHER_COST_PER_KEY_SLOT * math.prod(c.stats[1] for c in combo),
+                -math.prod(c.tile for c in combo))
+
+    return tuple(c.tile for c in min(itertools.product(*cands), key=cost))
+
+
+def rules_window_3d(grid, size, shift=(0, 0, 0)):
+    """(rule over F·H, rule over W) for Video-Swin-style windows on an F×H×W grid."""
+    f, h, w = (window_axis(n, s, a) for n, s, a in zip(grid, size, shift))
+    return merge_axes(f, h), w
+
+
+def rules_neighborhood_3d(grid, kernel, dilation=(1, 1, 1), tile=None):
+    """(rule over F·H, rule over W) for NATTEN's na3d neighbourhoods on an F×H×W grid."""
+    tiles = tile if tile is not None else choose_tiles_nd(grid, kernel, dilation)
+    f, h, w = (neighborhood_axis(n, k, d, t) for n, k, d, t in zip(grid, kernel, dilation, tiles))
+    return merge_axes(f, h), w
 
 
 # --- dense views of rules (tests, benchmarks) -------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import onnx_ir as ir
 
@@ -55,6 +56,8 @@ class Geometry:
     suffix_tokens: int
     instances: int
     notes: tuple[str, ...]
+    #: the tokens were made by a convolution (image, video or feature map): their order is spatial
+    vision: bool = False
 
 
 def describe(reading, model: ir.Model, const_memo: dict, token_memo: dict | None = None) -> Geometry:
@@ -71,26 +74,66 @@ def describe(reading, model: ir.Model, const_memo: dict, token_memo: dict | None
     grid = window = prefix = None
     suffix, notes = 0, []
     partition = find_window_partition(reading.k)
+    embedding = find_embedding(reading.k)
+    vision = embedding is not None
     if partition is not None:
         (grid, window), prefix = partition, 0
     else:
-        found = find_patch_grid(reading.k) or (find_flattened_feature_map(reading.k, tokens) if tokens else None)
+        found = embedding.grid if embedding is not None else None
+        if found is None and tokens:
+            found = find_flattened_feature_map(reading.k, tokens)
+            vision = vision or found is not None
         if found is not None and tokens is not None:
-            extra = tokens - found[0] * found[1]
+            found = _with_frames(found, embedding, reading, tokens)
+            extra = tokens - math.prod(found)
             if 0 <= extra <= MAX_PREFIX_TOKENS:
                 grid, prefix = found, extra
                 if extra:
-                    layout = find_token_layout(reading.k, found[0] * found[1])
+                    layout = find_token_layout(reading.k, math.prod(found))
                     if layout is not None and sum(layout) == extra and layout[1]:
                         prefix, suffix = layout
                         notes.append(f"{layout[1]} tokens follow the patch tokens (e.g. detection tokens)")
             else:
-                notes.append(f"patch grid {found[0]}x{found[1]} does not match {tokens} tokens")
+                notes.append(f"patch grid {'x'.join(map(str, found))} does not match {tokens} tokens")
         elif found is not None:
             grid = found
     return Geometry(kind=kind, rotary=has_rotary(reading.q, const_memo), window=window, grid=grid,
-                    prefix_tokens=prefix, suffix_tokens=suffix,
+                    prefix_tokens=prefix, suffix_tokens=suffix, vision=vision,
                     instances=_instances(reading, grid, window), notes=tuple(notes))
+
+
+def _with_frames(grid: tuple[int, ...], embedding: Embedding | None, reading, tokens: int) -> tuple[int, ...]:
+    """A Conv2d applied to each frame (frames folded into its batch) makes an F×H×W token grid.
+
+    F is the Conv's batch over the site's batch when both are static; otherwise the token Concat
+    that joins the prefix tokens with F·H·W patch tokens says it."""
+    if len(grid) != 2:
+        return grid
+    area = grid[0] * grid[1]
+    frames = None
+    q_batch = (dims(reading.q) or [None])[0]
+    if embedding is not None and isinstance(embedding.batch, int) and isinstance(q_batch, int) and q_batch > 0 \
+            and reading.output_layout == "bhnd" and embedding.batch % q_batch == 0:
+        frames = embedding.batch // q_batch
+    elif not 0 <= tokens - area <= MAX_PREFIX_TOKENS or tokens >= 2 * area:
+        frames = _frames_from_token_concat(reading.k, area)
+    if frames and frames > 1 and 0 <= tokens - frames * area <= MAX_PREFIX_TOKENS:
+        return (frames, *grid)
+    return grid
+
+
+def _frames_from_token_concat(value: ir.Value, area: int, limit: int = 400) -> int | None:
+    for node in _ancestors(value, limit, stop_at_softmax=True):
+        if node.op_type != "Concat" or len(node.inputs) < 2:
+            continue
+        out = dims(node.outputs[0])
+        if out is None or len(out) != 3:
+            continue
+        sizes = [(dims(i) or [None] * 3)[1] if i is not None else None for i in node.inputs]
+        multiples = [n // area for n in sizes if isinstance(n, int) and n > area and n % area == 0]
+        if multiples:
+            return multiples[0]
+    return None
 
 
 def _instances(reading, grid, window) -> int:
@@ -184,28 +227,64 @@ def find_window_partition(value: ir.Value, limit: int = 80) -> tuple[tuple[int, 
             continue
         _, nh, wh, nw, ww, _c = out
         h, w = nh * wh, nw * ww
+        if not _partition_order(node.outputs[0]):
+            continue  # e.g. Hiera's unroll, which interleaves strides rather than cutting windows
         if (len(src) == 4 and src[1:3] == [h, w]) or (len(src) == 3 and src[1] == h * w):
             if (nh, nw) != (1, 1) or (wh, ww) == (h, w):
                 return (h, w), (wh, ww)
     return None
 
 
-def find_patch_grid(value: ir.Value, limit: int = 50_000) -> tuple[int, int] | None:
-    """Grid of the nearest patch embedding above `value`: a Conv with stride == kernel > 1."""
+def _partition_order(value: ir.Value) -> bool:
+    """A window partition `[B, H/w, w, W/w, w, C]` is followed by the window-major permutation
+    (0, 1, 3, 2, 4, 5), or by nothing that reorders it."""
+    for node in value.consumers():
+        if node.op_type == "Transpose":
+            perm = list(node.attributes["perm"].value) if "perm" in node.attributes else None
+            if perm != [0, 1, 3, 2, 4, 5]:
+                return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """The convolution nearest above a site's tokens: `grid` is set for a patch embedding (stride ==
+    kernel > 1): (H, W) from a Conv2d, (F, H, W) from a Conv3d tubelet embedding. `batch` is the
+    Conv's static batch (frames folded into it when a Conv2d embeds each frame)."""
+
+    grid: tuple[int, ...] | None
+    batch: int | None
+
+
+def find_embedding(value: ir.Value, limit: int = 50_000) -> Embedding | None:
+    """The nearest patch embedding above `value`, else the nearest convolution of any kind (tokens
+    made from a feature map: their order is spatial even when no grid can be read), else None."""
+    other = None
     for node in _ancestors(value, limit, stop_at_softmax=False):
-        if node.op_type != "Conv":
+        if node.op_type not in ("Conv", "ConvTranspose"):
             continue
-        kernel = list(node.attributes["kernel_shape"].value) if "kernel_shape" in node.attributes else None
-        strides = list(node.attributes["strides"].value) if "strides" in node.attributes else None
-        if kernel is None:
-            wdims = dims(node.inputs[1])
-            kernel = wdims[2:] if wdims else None
         out = dims(node.outputs[0])
-        if not kernel or strides != kernel or max(kernel) < 2 or out is None or len(out) != 4:
-            continue
-        if out[2] is not None and out[3] is not None:
-            return out[2], out[3]
-    return None
+        batch = out[0] if out else None
+        if node.op_type == "Conv" and _is_patchify(node) and out is not None and len(out) in (4, 5) \
+                and None not in out[2:]:
+            return Embedding(tuple(out[2:]), batch)
+        other = other or Embedding(None, batch)
+    return other
+
+
+def _is_patchify(node: ir.Node) -> bool:
+    kernel = list(node.attributes["kernel_shape"].value) if "kernel_shape" in node.attributes else None
+    strides = list(node.attributes["strides"].value) if "strides" in node.attributes else None
+    if kernel is None:
+        wdims = dims(node.inputs[1])
+        kernel = wdims[2:] if wdims else None
+    return bool(kernel) and strides == kernel and max(kernel) >= 2
+
+
+def find_patch_grid(value: ir.Value, limit: int = 50_000) -> tuple[int, ...] | None:
+    """Grid of the nearest patch embedding above `value`: a Conv with stride == kernel > 1."""
+    found = find_embedding(value, limit)
+    return found.grid if found is not None else None
 
 
 def find_token_layout(value: ir.Value, grid_tokens: int, limit: int = 400) -> tuple[int, int] | None:
@@ -288,9 +367,24 @@ def _ancestors(value: ir.Value, limit: int, *, stop_at_softmax: bool):
             continue
         seen.add(id(node))
         yield node
-        if stop_at_softmax and node.op_type == "Softmax":
+        if stop_at_softmax and (node.op_type == "Softmax" or _applies_weights(node)):
             continue
         queue.extend(i for i in node.inputs if i is not None and i.producer() is not None)
+
+
+def _applies_weights(node: ir.Node) -> bool:
+    """Is `node` another attention's `weights · V` product? Walks that look for a site's own
+    structure (its window partition, its head split) must not leave through it into the layer
+    before: ViTDet's global layers would otherwise inherit the window of the windowed layer above."""
+    if node.op_type not in ("MatMul", "Einsum"):
+        return False
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        while producer is not None and producer.op_type in ("Cast", "Identity", "Dropout"):
+            producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+        if producer is not None and producer.op_type == "Softmax":
+            return True
+    return False
 
 
 def heads_from_reshape(q: ir.Value, head_dim: int | None, limit: int = 12) -> int | None:
@@ -301,8 +395,12 @@ def heads_from_reshape(q: ir.Value, head_dim: int | None, limit: int = 12) -> in
         if node.op_type != "Reshape":
             continue
         src, out = dims(node.inputs[0]), dims(node.outputs[0])
-        if src and out and out[-1] == head_dim and src[-1] and src[-1] % head_dim == 0 and src[-1] > head_dim:
-            return src[-1] // head_dim
+        if not (src and out and out[-1] == head_dim and src[-1] and src[-1] % head_dim == 0 and src[-1] > head_dim):
+            continue
+        heads = out[-2] if len(out) >= 2 else None
+        if isinstance(heads, int) and heads > 0 and src[-1] % (heads * head_dim) == 0:
+            return heads  # `[.., E] → [.., h, d]`, or a packed `[.., 3·E] → [.., 3, h, d]`
+        return src[-1] // head_dim
     return None
 
 

@@ -75,7 +75,7 @@ def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionS
     rewrites = []
     for site, plan in planned:
         before = len(graph)
-        new = to_original_layout(graph, site.output_layout, spec.impl.rewrite(graph, site, plan))
+        new = to_original_layout(graph, site.output_layout, spec.impl.rewrite(graph, site, plan), site.output)
         new.name = f"attnrewrite/{site.id}/{spec.name}_output"
         new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
         new.metadata_props[SITE_TAG] = site.id

@@ -82,7 +82,7 @@ def _site(site_id: str, reading: Reading, geometry: context.Geometry) -> Attenti
         kv_len=reading.kv_len, scale=reading.scale, bias_kind=reading.bias_kind, bias_per_key=reading.bias_per_key,
         kind=geometry.kind, instances=geometry.instances, window=geometry.window, grid=geometry.grid,
         prefix_tokens=geometry.prefix_tokens, suffix_tokens=geometry.suffix_tokens, rotary=geometry.rotary,
-        output_layout=reading.output_layout, notes=reading.notes + geometry.notes,
+        output_layout=reading.output_layout, notes=reading.notes + geometry.notes, vision=geometry.vision,
     )
     return AttentionSite(id=site_id, info=info, anchor=reading.anchor, q=reading.q, k=reading.k, v=reading.v,
                          output=reading.output, bias=reading.bias, nodes=tuple(reading.nodes))

@@ -78,8 +78,8 @@ def read_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Reading
     if is_constant(k_base, const_memo):
         raise Reject("logits are x·W with a constant W (a gate or classifier), not Q·Kᵀ", qk)
     q_rank = value_rank(q_base)
-    if q_rank not in (3, 4):
-        raise Reject(f"query has rank {q_rank}; need [B, h, N, d] or [B·h, N, d]", qk)
+    if q_rank not in (3, 4, 5):
+        raise Reject(f"query has rank {q_rank}; need [B, h, N, d], [B·h, N, d] or [B, h, units, N, d]", qk)
     if row_factors:
         if qk.op_type == "Einsum":
             raise Reject("per-head logit scale on an Einsum product", qk)
@@ -95,6 +95,13 @@ def read_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Reading
             raise Reject("query is 3-D but keys or values are not", qk)
         q4, k4, v4 = (_heads_view(graph, t) for t in (q_base, k_full, v))
         layout = "squeeze1"
+    elif q_rank == 5:
+        if value_rank(v) != 5 or value_rank(k_full) != 5:
+            raise Reject("query is 5-D but keys or values are not", qk)
+        if any(n.op_type in ("Add", "Sub", "Where") for n in chain):
+            raise Reject("a bias on mask-unit (rank-5) attention is not read", qk)
+        q4, k4, v4 = (_units_view(graph, t) for t in (q_base, k_full, v))
+        layout = "units"
     elif value_rank(v) != 4 or value_rank(k_full) != 4:
         raise Reject("query is 4-D but keys or values are not", qk)
     bias, bias_kind = _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo)
@@ -109,7 +116,7 @@ def read_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Reading
         notes.append("logits or weights are fake-quantised (QDQ); a rewrite computes them in float")
     return Reading(
         op="Softmax", anchor=softmax, q=q4, k=k4, v=v4, output=pv.outputs[0],
-        num_heads=qd[1] if layout == "bhnd" else heads_from_reshape(q_base, head_dim),
+        num_heads=heads_from_reshape(q_base, head_dim) if layout == "squeeze1" else qd[1],
         head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=scale, bias=bias, bias_kind=bias_kind,
         bias_per_key=bias is None or query_invariant(bias), nodes=tuple(covered), output_layout=layout,
         notes=tuple(notes),
@@ -122,6 +129,20 @@ def _heads_view(graph: ir.Graph, x: ir.Value) -> ir.Value:
     if x.shape is not None:
         out.shape = ir.Shape([x.shape[0], 1, x.shape[1], x.shape[2]])
     out.type = x.type
+    return out
+
+
+def _units_view(graph: ir.Graph, x: ir.Value) -> ir.Value:
+    """[B, h, U, N, d] (Hiera's mask units) viewed as [B·U, h, N, d]: each unit is an instance."""
+    d = dims(x)
+    if d is None or None in d[1:]:
+        raise Reject("mask-unit (rank-5) attention needs static heads, units, tokens and head dim", x.producer())
+    perm = add_node(graph, "Transpose", [x], {"perm": [0, 2, 1, 3, 4]}, name="units_view")
+    shape = add_constant(graph, np.array([-1, d[1], d[3], d[4]], np.int64), "units_shape")
+    out = add_node(graph, "Reshape", [perm, shape], name="units_view")
+    perm.shape = ir.Shape([x.shape[0], d[2], d[1], d[3], d[4]])
+    out.shape = ir.Shape([d[0] * d[2] if d[0] is not None else None, d[1], d[3], d[4]])
+    perm.type = out.type = x.type
     return out
 
 
