@@ -7,6 +7,7 @@ computes (the shape of every softmax / SDPA call), and every export is checked a
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import onnx
@@ -104,6 +105,9 @@ def _match(site, call, name):
     elif len(call.shape) == 3:  # nn.MultiheadAttention with need_weights: [B·h, Nq, Nk]
         (bh, nq, nk), heads = call.shape, site.num_heads
         lead = bh // heads if bh % heads == 0 else None
+    elif len(call.shape) == 5:  # Hiera's mask units: [B, h, units, Nq, Nk], each unit an instance
+        b, heads, units, nq, nk = call.shape
+        lead = b * units
     else:
         return f"{name}: rank-{len(call.shape)} attention probabilities {call.shape}"
     want = (site.instances, site.num_heads, site.q_len, site.kv_len)
@@ -142,7 +146,7 @@ def test_metadata_is_self_consistent(built, name):
         if s.grid is None:
             assert s.prefix_tokens is None and s.window is None, (name, i, s)
             continue
-        gh, gw = s.grid
+        gh, gw = s.grid[-2:]  # video grids are (frames, H, W)
         image = b.inputs[0].shape[-2:]
         assert gh * image[1] == gw * image[0], f"{name} site {i}: grid {s.grid} vs input {tuple(image)}"
         if s.window is not None:
@@ -151,7 +155,7 @@ def test_metadata_is_self_consistent(built, name):
             assert s.instances == b.inputs[0].shape[0] * (gh // wh) * (gw // ww), (name, i, s)
         else:
             tokens = s.q_len if s.kind == "self" else s.kv_len
-            assert tokens == gh * gw + s.prefix_tokens, f"{name} site {i}: {tokens} tokens != grid {s.grid} + prefix"
+            assert tokens == math.prod(s.grid) + s.prefix_tokens, f"{name} site {i}: {tokens} tokens != grid {s.grid} + prefix"
             if s.kind == "cross":
                 assert s.q_len < s.kv_len, (name, i, s)
 

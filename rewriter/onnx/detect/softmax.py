@@ -404,7 +404,9 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
         mapping[node.outputs[0]] = out
         bias = out
     if q_rank == 3 and bias.shape is not None and len(bias.shape) == 3:
-        bias = add_node(graph, "Unsqueeze", [bias, axes_input(graph, [1])], name="bias_heads")
+        unsqueezed = add_node(graph, "Unsqueeze", [bias, axes_input(graph, [1])], name="bias_heads")
+        unsqueezed.shape, unsqueezed.type = ir.Shape([bias.shape[0], 1, *bias.shape[1:]]), bias.type
+        bias = unsqueezed
     if is_constant(bias, const_memo):
         arr = evaluate_constant(bias)
         if arr is not None:
