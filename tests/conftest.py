@@ -1,4 +1,5 @@
-"""Shared test plumbing: cached ONNX exports of the model fixtures, and onnxruntime helpers.
+"""Shared test plumbing: cached ONNX exports of the model fixtures, and the one onnxruntime helper
+(`ort_run`, `ort_session`) every test runs models with.
 
 Tests that use the `export`/`exported` fixtures are marked `slow` automatically (a cold cache exports
 with torch; `pytest -m "not slow"` skips them). Exports land in `<repo>/.cache/exports/` and are reused
@@ -7,11 +8,15 @@ across runs and pytest-xdist workers; see `tests/fixtures/export.py`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
+from onnx import helper
 
 _EXPORT_FIXTURES = {"export", "exported"}
 
@@ -44,18 +49,57 @@ def exported():
     return _get
 
 
-def ort_session(path: str | Path):
+def _as_proto(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, ir.Model):
+        return ir.to_proto(model)
+    return onnx.load(str(model))  # external data read relative to the file
+
+
+def _with_outputs(proto: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `proto` that also returns the internal values `names` (element types from shape inference)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    present = {o.name for o in copy.graph.output}
+    missing = [n for n in names if n not in present]
+    if missing:
+        inferred = onnx.shape_inference.infer_shapes(copy)
+        types = {vi.name: vi.type.tensor_type.elem_type
+                 for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+        for name in missing:
+            copy.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    return copy
+
+
+def ort_session(model, outputs: Iterable[str] = ()):
+    """A one-thread CPU session (two xdist workers on two cores) for a path, an `onnx.ModelProto` or an
+    `ir.Model`; `outputs` names internal values to expose as extra outputs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # two xdist workers on two cores
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # no constant-folding warnings in test output
+    outputs = list(outputs)
+    if isinstance(model, (str, os.PathLike)) and not outputs:
+        source = str(model)  # external data resolves next to the file
+    else:
+        proto = _as_proto(model)
+        if outputs:
+            proto = _with_outputs(proto, outputs)
+        source = proto.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_run(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a model on CPU; returns every output by name."""
-    sess = ort_session(path)
-    names = [o.name for o in sess.get_outputs()]
+def ort_run(model, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Run a model on CPU: `model` is a path, `onnx.ModelProto`, `ir.Model` or a session from `ort_session`.
+
+    Returns every graph output by name, or only `outputs` (which may name internal values)."""
+    import onnxruntime as ort
+
+    names = list(outputs) if outputs is not None else None
+    sess = model if isinstance(model, ort.InferenceSession) else ort_session(model, names or ())
+    names = names or [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
 

@@ -53,15 +53,24 @@ def moe_gate(seed=0):
 
 
 def plain_attention(bias: str = "none", seed=0, heads=2, n=6, d=4, opset=17, project=False, self_attention=False,
-                    logit_factor: str = "none"):
+                    logit_factor: str = "none", dtype=np.float32):
     """Softmax(Q·Kᵀ·s + B)·V written the way a hand exporter would; bias none|zero|const|row_shift|input
     (row_shift: the same value for every key of a row, which softmax ignores).
 
     `project=True` adds an output projection, so the attention output is not itself a model output.
     `logit_factor` multiplies the logits by a constant tensor: "per_head" ([h, 1, 1], Swin V2's
     temperature), "per_query" ([n, 1]) or "per_key" ([n]), the last of which is not a scale of Q.
+    `dtype` is the float type of every input, weight and output (float32, float16).
     """
     rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+    def f32(name, shape):  # noqa: F811 - this builder's own float type
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    def init(name, array):  # noqa: F811
+        return numpy_helper.from_array(np.asarray(array, dtype=dtype), name)
+
     nodes = [
         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", ["q", "kt"], ["s"]),

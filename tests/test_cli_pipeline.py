@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
 from attnrewrite.cli import main
 from tests import onnx_builders as B
+from tests.conftest import ort_run
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -36,11 +36,6 @@ def calib(tmp_path) -> Path:
     path = tmp_path / "calib.npz"
     np.savez(path, x=rng.standard_normal((6, 3, 16, 16)).astype(np.float32))
     return path
-
-
-def ort_run(path, feeds):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
 
 
 def test_inspect_json_schema(capsys, vit):
@@ -94,8 +89,8 @@ def test_report_numbers_are_recomputable(capsys, vit, calib, tmp_path):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# attnrewrite report")
     x = np.load(calib)["x"]
-    ref = ort_run(vit, {"x": x}).astype(np.float64)
-    new = ort_run(out_path, {"x": x}).astype(np.float64)
+    ref = ort_run(vit, {"x": x})["logits"].astype(np.float64)
+    new = ort_run(out_path, {"x": x})["logits"].astype(np.float64)
     cos = np.mean(np.sum(ref * new, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)))
     rel = np.linalg.norm(ref - new) / np.linalg.norm(ref)
     got = report["passes"][0]["metrics_vs_original"]["logits"]
@@ -303,7 +298,7 @@ def test_external_data_is_kept(capsys, tmp_path, calib):
     proto = onnx.load(out_path, load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     x = np.load(calib)["x"]
-    np.testing.assert_allclose(ort_run(out_path, {"x": x}), ort_run(src, {"x": x}), atol=1e-5)
+    np.testing.assert_allclose(ort_run(out_path, {"x": x})["logits"], ort_run(src, {"x": x})["logits"], atol=1e-5)
 
 
 def test_exit_codes_subprocess(tmp_path, vit, calib):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx_ir import tape as ir_tape
 
@@ -16,6 +15,7 @@ from attnrewrite.passes.linear import (
 )
 from attnrewrite.passes.ops import softmax_attention
 from attnrewrite.onnx.verify import reference_attention
+from tests.conftest import ort_run
 
 
 def _run(emit, arrays: dict[str, np.ndarray], opset: int) -> np.ndarray:
@@ -25,9 +25,7 @@ def _run(emit, arrays: dict[str, np.ndarray], opset: int) -> np.ndarray:
     out = emit(ir_tape.Tape(graph), graph, *inputs)
     out.name = "out"
     graph.outputs.append(out)
-    proto = ir.to_proto(ir.Model(graph, ir_version=10))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, arrays)[0]
+    return ort_run(ir.Model(graph, ir_version=10), arrays)["out"]
 
 
 def _qkv(seed=0, b=3, h=2, n=9, d=4):

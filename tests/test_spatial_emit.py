@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes.spatial import emit as E
 from attnrewrite.passes.spatial import reference as R
 from attnrewrite.passes.spatial import tables as S
+from tests.conftest import ort_run, ort_session
 
 SCALE = 0.5
 TOL = 1e-5
@@ -57,8 +57,7 @@ def _run(emit, n, *, batch=2, h=2, d=4, dv=None, bias=None, dynamic_batch=False,
     graph.outputs.append(out)
     proto = ir.to_proto(ir.Model(graph, ir_version=10))
     onnx.checker.check_model(proto, full_check=True)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(None, arrays)[0]
+    got = ort_run(proto, arrays)["out"]
     assert got.shape == (batch, h, n, dv)
     return got, arrays, bias_arr
 
@@ -334,7 +333,7 @@ def _dynamic_length_session(window, mode, prefix, prefix_mode, bias_layout):
     graph.outputs.append(out)
     proto = ir.to_proto(ir.Model(graph, ir_version=10))
     onnx.checker.check_model(proto, full_check=True)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort_session(proto)
 
 
 @pytest.mark.parametrize("mode", ["centered", "block"])
@@ -356,7 +355,7 @@ def test_sliding_1d_dynamic_length(mode, window, prefix, prefix_mode, bias_layou
         key_bias[1, ..., -min(2, n - 1):] = -1e9 if n > 1 else 0.0
         if bias_layout:
             arrays["bias"] = key_bias if bias_layout == "key" else np.repeat(key_bias, n, axis=2)
-        got = sess.run(None, arrays)[0]
+        got = ort_run(sess, arrays)["out"]
         allowed = R.allowed_sliding_1d(n, window, prefix, mode, prefix_mode)
         want = R.masked_attention(arrays["q"], arrays["k"], arrays["v"], SCALE, allowed,
                                   key_bias if bias_layout else None)

@@ -90,12 +90,6 @@ def test_neighborhood_2d_sees_exactly_kh_kw_grid_keys_plus_prefix():
         assert (allowed[prefix:].sum(1) == prefix + kernel[0] * kernel[1]).all()
 
 
-def test_dilation_one_is_plain_neighborhood():
-    for length, k in itertools.product(range(1, 16), range(1, 8)):
-        if k <= length:
-            assert np.array_equal(R.neighborhood_axis_mask(length, k, 1), R.neighborhood_axis_mask(length, k))
-
-
 def test_strided_neighborhood_shares_windows_per_stride_group():
     """GNA: queries with the same leader attend to the same k keys (centre = clamped leader)."""
     for length, k, s in itertools.product(range(2, 18), range(1, 7), range(1, 7)):

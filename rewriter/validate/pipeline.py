@@ -82,8 +82,8 @@ def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionS
         for count, node in enumerate(list(graph)[before:]):
             node.metadata_props[PASS_TAG] = spec.label()
             node.metadata_props[SITE_TAG] = site.id
-            if not node.name:
-                node.name = f"attnrewrite/{site.id}/{spec.label()}/{node.op_type}_{count}"
+            # onnx_ir names every node it adds (`node_Add_3`); provenance is worth more to a reader
+            node.name = f"attnrewrite/{site.id}/{spec.label()}/{node.op_type}_{count}"
         if site.output.type is not None:
             new.type = site.output.type
         rewrites.append(Rewrite(site=site, plan=plan, value=new))
