@@ -14,6 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from attnrewrite.errors import ort_message
+from attnrewrite.ir.dtypes import numpy_dtype_of_ort
 from attnrewrite.ir.graph import is_constant
 from attnrewrite.layout import output_as_bhnd
 from attnrewrite.site import AttentionSite
@@ -165,7 +166,7 @@ def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int) -> dic
         shape = [d if isinstance(d, int) and d >= 0 else dynamic for d in inp.shape]
         kind = inp.type
         if "float" in kind:
-            dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
+            dtype = numpy_dtype_of_ort(kind) or np.float32
             feeds[inp.name] = (rng.random(shape, dtype=np.float32) * 4 - 2).astype(dtype, copy=False)
         elif kind == "tensor(bool)":
             arr = rng.random(shape) < 0.8
