@@ -55,7 +55,7 @@ class SpatialPlan(Plan):
     prefix: int = 0
 
 
-def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tuple[str | None, tuple[int, int] | None, int]:
+def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tuple[str | None, tuple[int, ...] | None, int]:
     """(reason it does not apply, grid to act on, prefix tokens); grid None means the 1-D token axis."""
     every = options.get("keep_global", 0)
     if every and (site.layer + 1) % every == 0:
