@@ -74,11 +74,12 @@ def describe(reading, model: ir.Model, const_memo: dict, token_memo: dict | None
     grid = window = prefix = None
     suffix, notes = 0, []
     partition = find_window_partition(reading.k)
-    embedding = find_embedding(reading.k)
-    vision = embedding is not None
-    if partition is not None:
-        (grid, window), prefix = partition, 0
+    embedding = None
+    if partition is not None:  # windows cut from an [B, H, W, C] map: spatial by construction
+        (grid, window), prefix, vision = partition, 0, True
     else:
+        embedding = find_embedding(reading.k)
+        vision = embedding is not None
         found = embedding.grid if embedding is not None else None
         if found is None and tokens:
             found = find_flattened_feature_map(reading.k, tokens)
@@ -123,13 +124,8 @@ def _with_frames(grid: tuple[int, ...], embedding: Embedding | None, reading, to
 
 
 def _frames_from_token_concat(value: ir.Value, area: int, limit: int = 400) -> int | None:
-    for node in _ancestors(value, limit, stop_at_softmax=True):
-        if node.op_type != "Concat" or len(node.inputs) < 2:
-            continue
-        out = dims(node.outputs[0])
-        if out is None or len(out) != 3:
-            continue
-        sizes = [(dims(i) or [None] * 3)[1] if i is not None else None for i in node.inputs]
+    """F from the token Concat that joins the prefix tokens with F·H·W patch tokens."""
+    for sizes in _token_concats(value, limit):
         multiples = [n // area for n in sizes if isinstance(n, int) and n > area and n % area == 0]
         if multiples:
             return multiples[0]
@@ -292,6 +288,17 @@ def find_token_layout(value: ir.Value, grid_tokens: int, limit: int = 400) -> tu
     them with learned tokens: `cat(cls, patches, det)` in YOLOS puts 5 tokens after the grid, while
     DeiT and DINOv2 put theirs in front. None when no such Concat is found (extra tokens are then
     taken to be in front, the common layout)."""
+    for sizes in _token_concats(value, limit):
+        if None in sizes or grid_tokens not in sizes:
+            continue
+        at = sizes.index(grid_tokens)
+        return sum(sizes[:at]), sum(sizes[at + 1:])
+    return None
+
+
+def _token_concats(value: ir.Value, limit: int):
+    """Token counts of the inputs of each `[B, N, C]` Concat along the token axis above `value`,
+    nearest first (None for a count that is not static)."""
     for node in _ancestors(value, limit, stop_at_softmax=True):
         if node.op_type != "Concat" or len(node.inputs) < 2:
             continue
@@ -301,12 +308,7 @@ def find_token_layout(value: ir.Value, grid_tokens: int, limit: int = 400) -> tu
         axis = node.attributes["axis"].value if "axis" in node.attributes else 0
         if axis % 3 != 1:
             continue
-        sizes = [(dims(i) or [None] * 3)[1] if i is not None else None for i in node.inputs]
-        if None in sizes or grid_tokens not in sizes:
-            continue
-        at = sizes.index(grid_tokens)
-        return sum(sizes[:at]), sum(sizes[at + 1:])
-    return None
+        yield [(dims(i) or [None] * 3)[1] if i is not None else None for i in node.inputs]
 
 
 def find_flattened_feature_map(value: ir.Value, tokens: int, limit: int = 60) -> tuple[int, int] | None:
