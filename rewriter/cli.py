@@ -183,7 +183,8 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     calibration = _load_calibration(model, calib, shapes, samples, seed)
     progress = progress_for(as_json)
     pipeline = Pipeline(path=__import__("pathlib").Path(model), batches=calibration.batches, budgets=budgets,
-                        selectors=tuple(selectors), fallback=fallback, progress=progress)
+                        selectors=tuple(selectors), fallback=fallback, progress=progress,
+                        calibrated=bool(calib))
     reports = pipeline.run(ir_model, specs)
     first = reports[0]
     if not first.sites:

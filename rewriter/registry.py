@@ -58,6 +58,13 @@ class Plan:
     options: Mapping[str, Any]
     #: the pipeline collects this site's calibration Q/K/V/bias/output and calls `fit`
     needs_fit: bool = False
+    #: what `fit` learns is only meaningful on real inputs (static scales, block masks): seeded
+    #: random calibration is refused with a sentence instead of silently fitting noise
+    needs_calibration: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """What was decided or fitted at this site, for the report: short values, lists per head."""
+        return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +148,6 @@ def available() -> dict[str, Pass]:
     """Every pass of the `attnrewrite.passes` entry-point group (built-in ones included), by name."""
     global _LOADED
     if not _LOADED:
-        _LOADED = True
         for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 obj = entry.load()
@@ -149,6 +155,7 @@ def available() -> dict[str, Pass]:
                 raise InputError(f"the pass entry point {entry.name} = {entry.value} cannot be loaded: {exc}") from exc
             impl = obj() if isinstance(obj, type) else obj
             _REGISTRY.setdefault(entry.name, impl)
+        _LOADED = True  # only once every entry point loaded: a broken one keeps failing loudly
     if not _REGISTRY:
         raise InputError("no passes are registered: install attnrewrite (pip install -e .) so its entry points exist.")
     return dict(_REGISTRY)

@@ -60,6 +60,8 @@ class SiteOutcome:
     reason: str | None = None
     local: dict[str, float] | None = None
     accumulated: dict[str, float] | None = None
+    #: what the pass decided or fitted here (`Plan.summary`): per-head orders, densities, scales
+    plan: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,6 +175,8 @@ class Pipeline:
     fallback: bool = False
     #: calibration batches whose activations passes may fit on (memory grows with sites × batches)
     fit_batches: int = 8
+    #: False when the batches are seeded random inputs: passes whose fit needs real data refuse them
+    calibrated: bool = True
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     def __post_init__(self) -> None:
@@ -216,7 +220,7 @@ class Pipeline:
             raise
         except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
             raise PassError(f"pass {spec.label()} failed while rewriting (after {' → '.join(done) or 'no passes'}): {exc}") from exc
-        outcomes = {r.site.id: SiteOutcome(r.site.id, "rewritten") for r in rewrites}
+        outcomes = {r.site.id: SiteOutcome(r.site.id, "rewritten", plan=r.plan.summary() or None) for r in rewrites}
 
         # 1) probe: new attention beside the old one, identical inputs → local drift + previous outputs
         site_names = [r.site.output.name for r in rewrites] + [r.probe_name for r in rewrites]
@@ -259,6 +263,9 @@ class Pipeline:
             return planned
         if not self.batches:
             raise InputError(f"pass {spec.label()} fits on calibration data, and there is none.")
+        if not self.calibrated and any(plan.needs_calibration for _, plan in planned):
+            raise InputError(f"pass {spec.label()} fits static tables on calibration activations: give real inputs "
+                             "with --calib (seeded random inputs would fit noise).")
         names: dict[str, dict[str, str]] = {}
         for site in sites:
             names[site.id] = {"q": site.q.name, "k": site.k.name, "v": site.v.name, "output": site.output.name}
@@ -273,6 +280,10 @@ class Pipeline:
         for site, plan in planned:
             if plan.needs_fit:
                 acts = {role: values[name] for role, name in names[site.id].items()}
+                for role in ("q", "k", "v"):
+                    if not np.isfinite(acts[role]).all():
+                        raise InputError(f"site {site.id}: its calibration {role.upper()} activations contain NaN or "
+                                         f"inf, so pass {spec.label()} cannot fit on them; check the --calib inputs.")
                 acts["output"] = output_as_bhnd(site.output_layout, site.num_heads, acts["output"])
                 plan = spec.impl.fit(site, acts, plan)
             fitted.append((site, plan))

@@ -1,0 +1,144 @@
+"""`quant` (lossy): softmax attention with Q·Kᵀ and/or P·V on integers (SageAttention-style).
+
+    O = softmax(scale · Q̂·K̂ᵀ + bias) · V̂        (hats: quantised; see passes/quantize.py for the formats)
+
+`int8` and `int4` are the same pass with `bits` preset. At 8 bits Q·Kᵀ runs as ORT's uint8 × int8
+`MatMulIntegerToFloat` (dequantisation fused, per-row × per-column scales), P is quantised with
+`QuantizeLinear` at the static scale 1/127 and P·V runs the same kernel. At 4 bits ORT CPU has no
+integer kernel: the graph computes the same integers as floats (an accuracy simulation).
+Dense INT8 attention barely pays on CPU (the N×N tensor's memory traffic dominates the time); the
+speed comes with block sparsity (`paro`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
+from attnrewrite.passes import quantize as Qz
+from attnrewrite.passes.ops import float_type
+from attnrewrite.registry import BasePass, Param, Plan
+from attnrewrite.site import AttentionSite
+
+
+def bool_param(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def bits_param(text: str) -> int:
+    value = int(text)
+    if value not in (4, 8):
+        raise ValueError("bits must be 8 or 4 (16 means float: use sdpa, or paro:bits=16 for sparsity only)")
+    return value
+
+
+def product_format(choice: str, bits: int) -> Qz.Format | None:
+    """`int` follows `bits`; `int8`/`int4` pick the width of this product; `fp` keeps it float."""
+    if choice == "fp":
+        return None
+    return Qz.FORMATS[bits if choice == "int" else int(choice[3:])]
+
+
+def format_label(fmt: Qz.Format | None) -> str:
+    if fmt is None:
+        return "float"
+    return f"int{fmt.bits}" + ("" if fmt.native else " (simulated in float on ORT CPU)")
+
+
+def fit_static_scales(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Qz.QuantConfig) -> dict[str, np.ndarray]:
+    """Calibration max |x| per group (over every calibration sample) turned into scales.
+
+    K is smoothed per sample first when the graph smooths it; values above the fitted range saturate."""
+    k = Qz.smooth(k) if cfg.smooth_k else k
+    if cfg.smooth_v:
+        v = Qz.smooth(v)
+    scales = {}
+    if cfg.qk is not None:
+        scales["q"] = Qz.scale_of(Qz.group_absmax(q, cfg.granularity).max(axis=0, keepdims=True), cfg.qk.q_levels)
+        scales["k"] = Qz.scale_of(Qz.group_absmax(k, cfg.granularity).max(axis=0, keepdims=True), cfg.qk.k_levels)
+    if cfg.pv is not None:
+        scales["v"] = Qz.scale_of(np.abs(v).max(axis=(0, 2), keepdims=True), cfg.pv.v_levels)
+    return scales
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan(Plan):
+    config: Qz.QuantConfig | None = None
+
+    def summary(self) -> dict:
+        cfg = self.config
+        out = {"Q·Kᵀ": format_label(cfg.qk), "P·V": format_label(cfg.pv),
+               "scales": ("static (fitted on calibration)" if cfg.static is not None else "dynamic (computed in the graph)")
+               + f", Q/K per {cfg.granularity}, V per channel" + (", P static 1/%d" % cfg.pv.p_levels if cfg.pv else ""),
+               "smoothing": ", ".join(n for n, on in (("K", cfg.smooth_k), ("V", cfg.smooth_v)) if on) or "none"}
+        if cfg.static is not None:
+            for name, arr in cfg.static.items():  # the largest scale per head: what bounds each head's error
+                per_head = arr.max(axis=tuple(i for i in range(arr.ndim) if i != 1)) if arr.shape[1] > 1 else arr.reshape(-1)[:1]
+                out[f"{name} scale per head"] = [float(f"{x:.4g}") for x in per_head]
+        return out
+
+
+class QuantPass(BasePass):
+    exact = False
+
+    def __init__(self, name: str = "quant", bits: int = 8):
+        self.name = name
+        self.description = (
+            f"softmax attention on {'integers' if name == 'quant' else f'INT{bits}'}: Q·Kᵀ and P·V quantised "
+            "(SageAttention: K smoothing, per-group Q/K scales, P at 1/levels); INT4 is simulated on ORT CPU")
+        self.params = (
+            Param("bits", bits_param, bits, "8: ORT integer kernels; 4: simulated in float on ORT CPU"),
+            Param("qk", str, "int", "Q·Kᵀ: int (at bits), int8, int4 or fp", choices=("int", "int8", "int4", "fp")),
+            Param("pv", str, "int", "P·V: int (at bits), int8, int4 or fp", choices=("int", "int8", "int4", "fp")),
+            Param("smooth_k", bool_param, True, "subtract K's token mean before quantising (exact in float)",
+                  show=lambda b: str(b).lower()),
+            Param("smooth_v", bool_param, False, "subtract V's channel mean, add it back after P·V (exact in float)",
+                  show=lambda b: str(b).lower()),
+            Param("granularity", Qz.granularity, "token", "one Q/K scale per tensor, head, token or block:B tokens"),
+            Param("scales", str, "dynamic", "dynamic: computed in the graph; static: fitted on --calib data",
+                  choices=("dynamic", "static")),
+        )
+
+    def config(self, options: dict) -> Qz.QuantConfig:
+        bits = options["bits"]
+        return Qz.QuantConfig(qk=product_format(options["qk"], bits), pv=product_format(options["pv"], bits),
+                              smooth_k=options["smooth_k"], smooth_v=options["smooth_v"],
+                              granularity=options["granularity"])
+
+    def applies(self, site: AttentionSite, options: dict) -> str | QuantPlan:
+        if float_type(site.q) != np.float32:
+            return f"quantised attention is built for float32 sites (this one computes in {np.dtype(float_type(site.q)).name})"
+        gran, static = options["granularity"], options["scales"] == "static"
+        positional = gran == "token" or gran.startswith("block:")
+        if (static and positional or gran.startswith("block:")) and (site.q_len is None or site.kv_len is None):
+            return f"granularity={gran}{' with static scales' if static else ''} needs a static token count"
+        if static and positional and site.q_len != site.kv_len:
+            return "static per-token scales need self-attention (one token axis for Q and K)"
+        return QuantPlan(options, needs_fit=static, needs_calibration=static, config=self.config(options))
+
+    def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], plan: QuantPlan) -> QuantPlan:
+        static = fit_static_scales(acts["q"], acts["k"], acts["v"], plan.config)
+        return dataclasses.replace(plan, config=dataclasses.replace(plan.config, static=static))
+
+    def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: QuantPlan) -> ir.Value:
+        t = ir_tape.Tape(graph)
+        cfg = plan.config
+        ops = Qz.emit_operands(t, graph, site.q, site.k, site.v, cfg, (site.q_len, site.kv_len))
+        logits = Qz.emit_logits(t, ops.q, ops.k, ops.q_scale, ops.k_scale, site.scale, cfg.qk)
+        if site.bias is not None:
+            logits = t.op("Add", [logits, site.bias])
+        probs = t.op("Softmax", [logits], attributes={"axis": -1})
+        out = Qz.emit_pv(t, probs, ops.v, ops.v_scale, cfg.pv)
+        return t.op("Add", [out, ops.v_mean]) if ops.v_mean is not None else out
+
+
+QUANT = QuantPass()
+INT8 = QuantPass("int8", 8)
+INT4 = QuantPass("int4", 4)
