@@ -137,6 +137,8 @@ def rewrite_sections(doc: dict) -> list[Section]:
             sections.append(Section(f"pass {p['label']} vs the previous pass", ("output", *_METRIC_COLUMNS),
                                     _metrics_rows(p["metrics_vs_previous"])))
         sections.append(_site_section(p["sites"]))
+        if any(site.get("plan") for site in p["sites"]):
+            sections.append(_plan_section(p["label"], p["sites"]))
     if sections:
         sections[-1] = dataclasses.replace(sections[-1], after=_budget_lines(doc) + (f"wrote {doc['output']}",))
     return sections
@@ -150,6 +152,16 @@ def _site_section(sites: list[dict]) -> Section:
                      fmt(acc.get("rel_l2")), s.get("reason") or ""))
     return Section("per site (local: same inputs; accumulated: inside the rewritten model)",
                    ("site", "status", "local cos", "local rel_l2", "acc cos", "acc rel_l2", "reason"), tuple(rows))
+
+
+def _plan_section(label: str, sites: list[dict]) -> Section:
+    """What the pass decided or fitted per site (orders, densities, scales); lists are per head."""
+    rows = []
+    for s in sites:
+        for key, value in (s.get("plan") or {}).items():
+            shown = ", ".join(fmt(v) for v in value) if isinstance(value, list) else fmt(value)
+            rows.append((s["id"], key, shown))
+    return Section(f"what {label} decided per site (lists: one value per head)", ("site", "what", "value"), tuple(rows))
 
 
 def audit_sections(doc: dict) -> list[Section]:
