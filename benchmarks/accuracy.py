@@ -43,6 +43,14 @@ MINILM_PASSES = [
     "neighborhood:kernel=33", "neighborhood:kernel=9,dilation=2", "neighborhood:kernel=17,dilation=2", "linear",
     "linear:fit=ridge",
 ]
+#: `--suite quant`: quantised attention (issue: INT8/INT4 + PARO); paro at each density and bit width,
+#: with and without reordering (PARO's ablation: does the order buy accuracy at equal density?)
+PARO_GRID = [f"paro:density={d},bits={b},block=8{r}" for d in (0.5, 0.25, 0.125) for b in (16, 8, 4)
+             for r in (",reorder=auto", ",reorder=none")]
+QUANT_DIGITS = ["int8", "int4", "quant:pv=fp", "quant:bits=4,pv=int8", "int8:scales=static,granularity=head", *PARO_GRID]
+#: text has no grid: reordering falls back to `none`, so only one row per density and width
+QUANT_MINILM = ["int8", "int4", "quant:pv=fp", "quant:bits=4,pv=int8", "int8:scales=static,granularity=head",
+                *(p for p in PARO_GRID if p.endswith("none"))]
 FALLBACK = {"digits": ["neighborhood:kernel=5", "window:size=4x4"], "minilm": ["window:size=16", "neighborhood:kernel=17"]}
 
 SEQ = 64
@@ -123,7 +131,7 @@ def rewritten_count(doc: dict | None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def digits_rows(out: Path, epochs: int) -> list[dict]:
+def digits_rows(out: Path, epochs: int, suite: str = "spatial") -> list[dict]:
     from digits_vit import evaluate_onnx, train_digits_vit
 
     trained = train_digits_vit(out / "digits", epochs=epochs, seed=0)
@@ -131,10 +139,10 @@ def digits_rows(out: Path, epochs: int) -> list[dict]:
     model, data, labels, calib = Path(p["model"]), p["data"], p["labels"], Path(p["calib"])
     base = evaluate_onnx(model, data, labels)
     rows = [{"model": "digits", "pass": "original", "top1": base, "sites": "-"}]
-    for spec in DIGITS_PASSES:
+    for spec in QUANT_DIGITS if suite == "quant" else DIGITS_PASSES:
         target, doc, err = rewrite(model, spec, calib, out)
         rows.append(_digits_row(spec, target, doc, err, model, data, labels, evaluate_onnx))
-    for spec in FALLBACK["digits"]:
+    for spec in FALLBACK["digits"] if suite == "spatial" else ():
         target, doc, err = rewrite(model, spec, calib, out, "--budget", "cosine>=0.99", "--fallback")
         rows.append(_digits_row(spec + " --fallback cosine>=0.99", target, doc, err, model, data, labels, evaluate_onnx))
     return rows
@@ -183,12 +191,12 @@ def export_minilm(out: Path) -> tuple[Path, Path, Path]:
     return path, calib, held
 
 
-def minilm_rows(out: Path) -> list[dict]:
+def minilm_rows(out: Path, suite: str = "spatial") -> list[dict]:
     model, calib, held = export_minilm(out)
     rows = []
-    for spec in MINILM_PASSES:
+    for spec in QUANT_MINILM if suite == "quant" else MINILM_PASSES:
         rows.append(_minilm_row(spec, *rewrite(model, spec, calib, out), model, held))
-    for spec in FALLBACK["minilm"]:
+    for spec in FALLBACK["minilm"] if suite == "spatial" else ():
         target, doc, err = rewrite(model, spec, calib, out, "--budget", "sentence_embedding:cosine>=0.99", "--fallback")
         rows.append(_minilm_row(spec + " --fallback sentence_embedding:cosine>=0.99", target, doc, err, model, held))
     return rows
@@ -241,15 +249,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "accuracy")
     ap.add_argument("--only", choices=("digits", "minilm"))
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--suite", choices=("spatial", "quant"), default="spatial",
+                    help="spatial: window/neighbourhood/linear passes; quant: int8/int4/paro")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.only in (None, "digits"):
-        rows += digits_rows(args.out, args.epochs)
+        rows += digits_rows(args.out, args.epochs, args.suite)
     if args.only in (None, "minilm"):
-        rows += minilm_rows(args.out)
+        rows += minilm_rows(args.out, args.suite)
     print_tables(rows)
-    (args.out / "accuracy.json").write_text(json.dumps(rows, indent=2))
+    (args.out / f"accuracy{'' if args.suite == 'spatial' else '_' + args.suite}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

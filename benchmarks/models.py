@@ -39,6 +39,8 @@ PRESETS: dict[str, dict] = {
     "vit_s16_224": dict(depth=12, dim=384, heads=6, img=224),
     "vit_l16_224": dict(depth=24, dim=1024, heads=16, img=224),
     "vit_b16_1024": dict(depth=12, dim=768, heads=12, img=1024),
+    # transformers' ViTModel (eager attention), exported as users export it: not a graph we wrote
+    "hf_vit_b16_1024": dict(depth=12, dim=768, heads=12, img=1024, arch="hf"),
 }
 
 
@@ -101,7 +103,8 @@ def _parse_exporter(exporter: str) -> tuple[bool, int]:
 
 
 def build_vit(out_path: str | os.PathLike, *, depth: int, dim: int, heads: int, img: int, patch: int = 16,
-              mlp_ratio: int = 4, exporter: str = "torchscript17", external_data: bool = True, seed: int = 0) -> Path:
+              mlp_ratio: int = 4, exporter: str = "torchscript17", external_data: bool = True, seed: int = 0,
+              arch: str = "timm") -> Path:
     """Export a random-weight ViT to `out_path`; weights go to `<file name>.data` beside it when `external_data`.
 
     Memory peaks inside the TorchScript exporter (torch weights + its folded copy + the serialised proto):
@@ -114,7 +117,7 @@ def build_vit(out_path: str | os.PathLike, *, depth: int, dim: int, heads: int, 
         raise ValueError(f"{img=} is not divisible by {patch=}")
     dynamo, opset = _parse_exporter(exporter)
     config = dict(depth=depth, dim=dim, heads=heads, img=img, patch=patch, mlp_ratio=mlp_ratio, exporter=exporter,
-                  external_data=external_data, seed=seed)
+                  external_data=external_data, seed=seed, arch=arch)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
@@ -144,17 +147,39 @@ def _export(config: dict, path: Path, dynamo: bool, opset: int) -> None:
     torch.manual_seed(config["seed"])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, still common
-        model = VisionTransformer(depth=config["depth"], dim=config["dim"], heads=config["heads"], img=config["img"],
-                                  patch=config["patch"], mlp_ratio=config["mlp_ratio"]).eval()
+        model = _hf_vit(config) if config.get("arch") == "hf" else VisionTransformer(
+            depth=config["depth"], dim=config["dim"], heads=config["heads"], img=config["img"], patch=config["patch"],
+            mlp_ratio=config["mlp_ratio"]).eval()
         example = (torch.randn(1, 3, config["img"], config["img"]),)
+        output = "last_hidden_state" if config.get("arch") == "hf" else "logits"
         if dynamo:
             program = torch.onnx.export(model, example, dynamo=True, opset_version=opset, input_names=["pixel_values"],
-                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                        output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},))
             program.save(str(path), external_data=True)
         else:
             torch.onnx.export(model, example, str(path), dynamo=False, opset_version=opset,
-                              input_names=["pixel_values"], output_names=["logits"],
-                              dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+                              input_names=["pixel_values"], output_names=[output],
+                              dynamic_axes={"pixel_values": {0: "batch"}, output: {0: "batch"}})
+
+
+class _LastHiddenState(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+def _hf_vit(config: dict) -> nn.Module:
+    """transformers' `ViTModel` with eager attention (random weights); output: the last hidden state."""
+    import transformers
+
+    cfg = transformers.ViTConfig(image_size=config["img"], patch_size=config["patch"], hidden_size=config["dim"],
+                                 num_hidden_layers=config["depth"], num_attention_heads=config["heads"],
+                                 intermediate_size=config["mlp_ratio"] * config["dim"])
+    cfg._attn_implementation = "eager"
+    return _LastHiddenState(transformers.ViTModel(cfg, add_pooling_layer=False)).eval()
 
 
 def stored_config(path: str | os.PathLike) -> dict | None:

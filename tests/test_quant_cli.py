@@ -138,3 +138,67 @@ def test_dynamic_sequence_declines_paro_but_takes_int8(capsys, exported, tmp_pat
     assert all("static token count" in s["reason"] for s in doc["passes"][0]["sites"])
     rc, doc, err, _ = _rewrite(capsys, exp.path, tmp_path, "int8", "--calib", calib)
     assert rc == 0 and len(doc["passes"][0]["rewritten"]) == len(exp.meta.sites), err
+
+
+def _dit_style(tmp_path):
+    """A diffusers-style DiT block stack (latent patches, no CLS, q/k LayerNorm, adaLN from a timestep),
+    exported by torch: the model family PARO targets."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, dim=32, heads=2):
+            super().__init__()
+            self.heads, self.d = heads, dim // heads
+            self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.q_norm, self.k_norm = nn.LayerNorm(self.d), nn.LayerNorm(self.d)
+            self.ada = nn.Linear(dim, 2 * dim)
+
+        def forward(self, x, c):
+            shift, scale = self.ada(c).unsqueeze(1).chunk(2, dim=-1)
+            h = self.norm(x) * (1 + scale) + shift
+            b, n, _ = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+            o = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+            return x + self.proj(o.transpose(1, 2).reshape(b, n, -1))
+
+    class DiT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(4, 32, 2, stride=2)
+            self.pos = nn.Parameter(torch.randn(1, 64, 32) * 0.1)
+            self.t_embed = nn.Sequential(nn.Linear(1, 32), nn.SiLU(), nn.Linear(32, 32))
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+            self.out = nn.Linear(32, 4 * 4)
+
+        def forward(self, latent, timestep):
+            x = self.patch(latent).flatten(2).transpose(1, 2) + self.pos
+            c = self.t_embed(timestep[:, None])
+            for block in self.blocks:
+                x = block(x, c)
+            return self.out(x)
+
+    torch.manual_seed(0)
+    model = DiT().eval()
+    path = tmp_path / "dit.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.randn(1, 4, 16, 16), torch.tensor([0.5])), str(path), dynamo=False,
+                          opset_version=17, input_names=["latent", "timestep"], output_names=["noise"])
+    return path
+
+
+def test_dit_style_model_takes_paro_and_int8(capsys, tmp_path):
+    """No prefix tokens, q/k-norm before the product: every token is on the 8×8 grid and gets reordered."""
+    path = _dit_style(tmp_path)
+    calib = _calib(path, tmp_path)
+    rc, doc, err, _ = _rewrite(capsys, path, tmp_path, "paro:density=1,bits=16,block=16", "--calib", calib)
+    assert rc == 0, err
+    p = doc["passes"][0]
+    assert len(p["rewritten"]) == 2 and p["metrics_vs_original"]["noise"]["rel_l2"] < 1e-5
+    assert "0 global tokens" in p["sites"][0]["plan"]["blocks"]
+    rc, doc, err, _ = _rewrite(capsys, path, tmp_path, "paro:density=0.5,block=16,reorder=tile:4", "--calib", calib)
+    assert rc == 0, err
+    assert doc["passes"][0]["sites"][0]["plan"]["order per head"] == ["tile:4", "tile:4"]
+    rc, doc, err, _ = _rewrite(capsys, path, tmp_path, "int8", "--calib", calib)
+    assert rc == 0 and doc["passes"][0]["metrics_vs_original"]["noise"]["cosine"] > 0.99, err

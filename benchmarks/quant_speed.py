@@ -1,0 +1,132 @@
+"""Quantised and block-sparse attention on transformers' ViT-B/16 at 1024² (4097 tokens), ORT CPU.
+
+    python benchmarks/quant_speed.py                    # export (cached), rewrite through the CLI, time
+    python benchmarks/quant_speed.py --site-only        # per-site table only (a minute)
+
+Per site: one attention site alone (Q, K, V [1, 12, 4097, 64] in, O out), written the way the export
+writes it (MatMul, Div by √d, Softmax, MatMul) against each pass's subgraph, timed interleaved.
+End to end: the export rewritten by `attnrewrite MODEL --pass P --calib photo.npz` (paro fits its block
+tables on a real photo; the weights are random, so the tables are about speed, not accuracy), timed
+interleaved with the original and with ORT's fused attention (`sdpa:fuse=ort`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+
+from attnrewrite.passes.ops import const  # noqa: E402
+from attnrewrite.registry import parse_pass  # noqa: E402
+from attnrewrite.site import AttentionSite, SiteInfo  # noqa: E402
+from attnrewrite.validate import bench as B  # noqa: E402
+
+PASSES = ["int8", "paro:density=0.25", "paro:density=0.25,bits=16", "paro:density=0.5"]
+
+
+def site_model(spec_text: str | None, heads: int, grid: int, d: int, acts: dict[str, np.ndarray]):
+    """One site alone; `None` is the original as transformers' eager ViT exports it."""
+    tokens = 1 + grid * grid
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    q, k, v = (ir.Value(name=n, shape=ir.Shape([1, heads, tokens, d]), type=f32) for n in "qkv")
+    graph = ir.Graph([q, k, v], [], nodes=[], opset_imports={"": 17, "com.microsoft": 1})
+    t = ir_tape.Tape(graph)
+    if spec_text is None:
+        logits = t.op("MatMul", [q, t.op("Transpose", [k], attributes={"perm": [0, 1, 3, 2]})])
+        probs = t.op("Softmax", [t.op("Div", [logits, const(t, d ** 0.5, np.float32)])], attributes={"axis": -1})
+        out = t.op("MatMul", [probs, v])
+    else:
+        info = SiteInfo(op="Softmax", num_heads=heads, head_dim=d, q_len=tokens, kv_len=tokens, scale=d ** -0.5,
+                        bias_kind="none", bias_per_key=True, kind="self", instances=1, window=None, grid=(grid, grid),
+                        prefix_tokens=1, suffix_tokens=0, rotary=False, output_layout="bhnd", vision=True)
+        site = AttentionSite(id="attn_0", info=info, anchor=None, q=q, k=k, v=v, output=None, bias=None, nodes=())
+        spec = parse_pass(spec_text)
+        plan = spec.applies(site)
+        if plan.needs_fit:
+            plan = spec.impl.fit(site, acts, plan)
+        out = spec.impl.rewrite(graph, site, plan)
+    out.name = "o"
+    graph.outputs.append(out)
+    return ir.to_proto(ir.Model(graph, ir_version=10))
+
+
+def site_rows(heads: int, grid: int, d: int, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    tokens = 1 + grid * grid
+    acts = {n: rng.standard_normal((1, heads, tokens, d)).astype(np.float32) for n in "qkv"}
+    models = [site_model(None, heads, grid, d, acts)] + [site_model(p, heads, grid, d, acts) for p in PASSES]
+    results = B.bench_models(models, acts, warmup=1, repeats=repeats)
+    base = results[0].median_ms
+    return [{"pass": name, "site_ms": r.median_ms, "site_speedup": base / r.median_ms}
+            for name, r in zip(["original", *PASSES], results)]
+
+
+def photo_calibration(path: Path, img: int) -> Path:
+    """One real photo (scikit-image's astronaut), resized to img², ImageNet-normalised."""
+    from skimage import data, transform
+
+    photo = transform.resize(data.astronaut(), (img, img), anti_aliasing=True).astype(np.float32)
+    x = (photo - np.array([0.5, 0.5, 0.5], np.float32)) / np.array([0.5, 0.5, 0.5], np.float32)
+    np.savez(path, pixel_values=x.transpose(2, 0, 1)[None])
+    return path
+
+
+def e2e_rows(model: Path, out: Path, img: int, repeats: int, console: Console) -> list[dict]:
+    calib = photo_calibration(out / "astronaut_1024.npz", img)
+    paths = {"original": model}
+    for spec in ["sdpa:fuse=ort", *PASSES]:
+        target = out / f"{model.stem}.{''.join(c if c.isalnum() else '_' for c in spec)}.onnx"
+        if not target.exists():
+            console.print(f"rewriting with {spec} ...")
+            proc = subprocess.run([sys.executable, "-m", "attnrewrite", model, "--pass", spec, "--calib", calib,
+                                   "-o", target, "--json"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{spec}: {proc.stderr.strip()[-500:]}")
+        paths[spec] = target
+    feeds = dict(np.load(calib))
+    console.print(f"timing {len(paths)} models, {repeats} interleaved repeats ...")
+    results = dict(zip(paths, B.bench_models([str(p) for p in paths.values()], feeds, warmup=1, repeats=repeats)))
+    base, fused = results["original"].median_ms, results["sdpa:fuse=ort"].median_ms
+    return [{"pass": name, "e2e_ms": r.median_ms, "e2e_speedup": base / r.median_ms, "vs_fused": fused / r.median_ms}
+            for name, r in results.items()]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--site-only", action="store_true")
+    args = ap.parse_args(argv)
+    console = Console(stderr=True)
+    heads, grid, d = 12, 64, 64
+    rows = {r["pass"]: r for r in site_rows(heads, grid, d, max(args.repeats, 5))}
+    if not args.site_only:
+        from models import preset
+
+        model = preset("hf_vit_b16_1024", args.out)
+        for r in e2e_rows(model, args.out, 1024, args.repeats, console):
+            rows.setdefault(r["pass"], {"pass": r["pass"]}).update(r)
+    table = Table(title="transformers ViT-B/16 @ 1024² (64×64 + CLS = 4097 tokens, random weights), ORT CPU, "
+                        "interleaved medians")
+    for col in ("pass", "site ms", "site vs original", "e2e ms", "e2e vs original", "e2e vs sdpa:fuse=ort"):
+        table.add_column(col)
+    for r in rows.values():
+        table.add_row(r["pass"], *(f"{r[k]:.0f}" if k.endswith("ms") and k in r else f"{r[k]:.2f}x" if k in r else "-"
+                                   for k in ("site_ms", "site_speedup", "e2e_ms", "e2e_speedup", "vs_fused")))
+    Console(width=200).print(table)
+    (args.out / "quant_speed.json").write_text(json.dumps(list(rows.values()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
