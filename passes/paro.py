@@ -299,8 +299,8 @@ class ParoPass(BasePass):
             return "paro needs static heads and head dim"
         if site.bias is not None and not site.bias_per_key:
             return f"{site.bias_kind} bias varies per query (relative positions, masks); paro gathers key-padding biases only"
-        if site.bias is not None and _bias_heads(site) is None:
-            return "the key-padding bias has no static head axis"
+        if site.bias is not None and site.bias.shape is None:
+            return "the key-padding bias has no known rank"
         frame = _frame(site, options)
         notes = []
         block = options["block"]
@@ -364,26 +364,19 @@ class ParoPass(BasePass):
 
     @staticmethod
     def _gathered_bias(t: ir_tape.Tape, site: AttentionSite, tokens: np.ndarray) -> ir.Value:
-        """The key-padding bias of each gathered key slot: `[B', h, nb, 1, keys]`."""
-        row = _bias_4d(t, key_row(t, site.bias))  # [B', h'|1, 1, N]
-        heads = _bias_heads(site)
-        n = site.kv_len
+        """The key-padding bias of each gathered key slot: `[B', h, nb, 1, keys]`.
+
+        The row is broadcast to every head first (exports often leave the bias's head axis symbolic)."""
+        heads, n = site.num_heads, site.kv_len
+        row = t.op("Expand", [_bias_4d(t, key_row(t, site.bias)), const(t, [1, heads, 1, 1])])  # [B', h, 1, N]
         flat = t.op("Reshape", [row, const(t, [0, heads * n])])
-        index = tokens if heads == 1 else tokens + (np.arange(tokens.shape[0]) * n)[:, None, None]
+        index = tokens + (np.arange(heads) * n)[:, None, None]
         return t.op("Unsqueeze", [t.op("Gather", [flat, const(t, index)], attributes={"axis": 1}), const(t, [3])])
 
 
 def _bias_4d(t: ir_tape.Tape, bias: ir.Value) -> ir.Value:
     rank = len(bias.shape) if bias.shape is not None else 4
     return t.op("Unsqueeze", [bias, const(t, list(range(4 - rank)))]) if rank < 4 else bias
-
-
-def _bias_heads(site: AttentionSite) -> int | None:
-    shape = site.bias.shape
-    if shape is None:
-        return None
-    dims = [1] * (4 - len(shape)) + list(shape)
-    return dims[1] if dims[1] in (1, site.num_heads) else None
 
 
 def _frame(site: AttentionSite, options: dict) -> Frame:

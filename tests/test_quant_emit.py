@@ -31,13 +31,13 @@ def _arrays(rng, b, h, n, d, dyadic=False):
     return {"q": q.astype(np.float32), "k": k.astype(np.float32), "v": v.astype(np.float32)}
 
 
-def _site(b, h, n, d, *, bias=False, grid=None, prefix=None, suffix=0):
+def _site(b, h, n, d, *, bias=False, grid=None, prefix=None, suffix=0, bias_dims=None):
     f32 = ir.TensorType(ir.DataType.FLOAT)
     q, k, v = (ir.Value(name=x, shape=ir.Shape([b, h, n, d]), type=f32) for x in "qkv")
     inputs = [q, k, v]
     bias_value = None
     if bias:
-        bias_value = ir.Value(name="bias", shape=ir.Shape([b, 1, 1, n]), type=f32)
+        bias_value = ir.Value(name="bias", shape=ir.Shape(bias_dims or [b, 1, 1, n]), type=f32)
         inputs.append(bias_value)
     graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 17, "com.microsoft": 1}, name="site")
     info = SiteInfo(op="Softmax", num_heads=h, head_dim=d, q_len=n, kv_len=n, scale=SCALE,
@@ -48,11 +48,11 @@ def _site(b, h, n, d, *, bias=False, grid=None, prefix=None, suffix=0):
     return graph, site
 
 
-def _rewrite(spec_text, arrays, *, bias=None, grid=None, prefix=None, suffix=0, calib=None, expose=()):
+def _rewrite(spec_text, arrays, *, bias=None, grid=None, prefix=None, suffix=0, calib=None, expose=(), bias_dims=None):
     """Plan/fit/rewrite one site; returns (outputs by name, plan). `expose` adds intermediate values
     (by op type of their producer) as outputs, in graph order."""
     b, h, n, d = arrays["q"].shape
-    graph, site = _site(b, h, n, d, bias=bias is not None, grid=grid, prefix=prefix, suffix=suffix)
+    graph, site = _site(b, h, n, d, bias=bias is not None, grid=grid, prefix=prefix, suffix=suffix, bias_dims=bias_dims)
     spec = parse_pass(spec_text)
     plan = spec.applies(site)
     assert not isinstance(plan, str), plan
@@ -204,7 +204,7 @@ def test_paro_full_density_is_exact_on_video_grids(order):
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
-@pytest.mark.parametrize("case", ["prefix", "suffix_bias", "text", "blocked_prefix"])
+@pytest.mark.parametrize("case", ["prefix", "suffix_bias", "text", "blocked_prefix", "text_symbolic_bias"])
 def test_paro_sparse_matches_reference(bits, case):
     """Half density: the graph equals quantised attention under the reference keep-mask."""
     rng = np.random.default_rng(11)
@@ -212,17 +212,20 @@ def test_paro_sparse_matches_reference(bits, case):
     options = ""
     if case == "suffix_bias":
         prefix, suffix = 1, 2
-    if case == "text":
+    if case.startswith("text"):
         grid, prefix = None, None
     if case == "blocked_prefix":
         options = ",prefix=blocked"
     n = 36 + (prefix or 0) + suffix if grid else 30
     arrays = _arrays(rng, 2, 2, n, 8)
-    if case in ("suffix_bias", "text"):
+    if case != "prefix" and case != "blocked_prefix":
         bias = np.zeros((2, 1, 1, n), np.float32)
         bias[1, ..., -4:] = -1e9
+        if case == "text_symbolic_bias":  # as BERT exports leave it: [B, ?, Nq, ?], materialised per query
+            bias = np.broadcast_to(bias, (2, 1, n, n)).copy()
+    dims = ["B", None, n, None] if case == "text_symbolic_bias" else None
     spec = f"paro:density=0.5,block=8,bits={bits}{options}"
-    got, plan = _rewrite(spec, arrays, bias=bias, grid=grid, prefix=prefix, suffix=suffix)
+    got, plan = _rewrite(spec, arrays, bias=bias, grid=grid, prefix=prefix, suffix=suffix, bias_dims=dims)
     keep = PR.keep_mask(plan.frame, plan.tables)
     cfg = PR.quant_config(plan.options)
     ref = Qz.quant_attention_reference(arrays["q"], arrays["k"], arrays["v"], scale=SCALE, cfg=cfg, bias=bias,
