@@ -205,7 +205,7 @@ def preset(name: str, out_dir: str | os.PathLike = BENCH_OUT, *, rebuild: bool =
     """`out_dir/<name>.onnx` for a preset, reused when it exists with the same build settings."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    kwargs = {"patch": 16, "mlp_ratio": 4, "exporter": "torchscript17", "external_data": True, "seed": 0,
+    kwargs = {"patch": 16, "mlp_ratio": 4, "exporter": "torchscript17", "external_data": True, "seed": 0, "arch": "timm",
               **PRESETS[name], **overrides}
     path = Path(out_dir) / f"{name}.onnx"
     data_ok = not kwargs["external_data"] or path.with_name(path.name + ".data").exists()
