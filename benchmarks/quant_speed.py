@@ -32,7 +32,23 @@ from attnrewrite.registry import parse_pass  # noqa: E402
 from attnrewrite.site import AttentionSite, SiteInfo  # noqa: E402
 from attnrewrite.validate import bench as B  # noqa: E402
 
-PASSES = ["int8", "paro:density=0.25", "paro:density=0.25,bits=16", "paro:density=0.5"]
+PASSES = ["int8", "paro:density=0.25", "paro:density=0.25,bits=16", "paro:density=0.5", "paro:density=0.25,block=128"]
+
+
+def flop_bound(spec: str, grid: int = 64, depth: int = 12, dim: int = 768, mlp_ratio: int = 4) -> float:
+    """Whole-model FLOP ratio original / rewritten: projections and MLP unchanged, attention scaled by the
+    keys each query computes (paro: its kept blocks plus the CLS column; the CLS row stays dense)."""
+    tokens = 1 + grid * grid
+    keys = tokens
+    if spec.startswith("paro"):
+        opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
+        block = int(opts.get("block", 64))
+        nb = -(-grid * grid // block)
+        keys = 1 + min(nb, max(1, round(float(opts.get("density", 0.25)) * nb))) * block
+    dense = 2 * tokens * dim * (4 * dim + 2 * mlp_ratio * dim)
+    def attention(k):
+        return 2 * 2 * dim * ((tokens - 1) * k + tokens)
+    return (dense + attention(tokens)) / (dense + attention(keys))
 
 
 def site_model(spec_text: str | None, heads: int, grid: int, d: int, acts: dict[str, np.ndarray]):
@@ -98,8 +114,8 @@ def e2e_rows(model: Path, out: Path, img: int, repeats: int, console: Console) -
     console.print(f"timing {len(paths)} models, {repeats} interleaved repeats ...")
     results = dict(zip(paths, B.bench_models([str(p) for p in paths.values()], feeds, warmup=1, repeats=repeats)))
     base, fused = results["original"].median_ms, results["sdpa:fuse=ort"].median_ms
-    return [{"pass": name, "e2e_ms": r.median_ms, "e2e_speedup": base / r.median_ms, "vs_fused": fused / r.median_ms}
-            for name, r in results.items()]
+    return [{"pass": name, "e2e_ms": r.median_ms, "e2e_speedup": base / r.median_ms, "vs_fused": fused / r.median_ms,
+             "flop_bound": flop_bound(name)} for name, r in results.items()]
 
 
 def main(argv=None) -> None:
@@ -119,11 +135,12 @@ def main(argv=None) -> None:
             rows.setdefault(r["pass"], {"pass": r["pass"]}).update(r)
     table = Table(title="transformers ViT-B/16 @ 1024² (64×64 + CLS = 4097 tokens, random weights), ORT CPU, "
                         "interleaved medians")
-    for col in ("pass", "site ms", "site vs original", "e2e ms", "e2e vs original", "e2e vs sdpa:fuse=ort"):
+    for col in ("pass", "site ms", "site vs original", "e2e ms", "e2e vs original", "e2e vs sdpa:fuse=ort",
+                "e2e FLOP bound"):
         table.add_column(col)
     for r in rows.values():
         table.add_row(r["pass"], *(f"{r[k]:.0f}" if k.endswith("ms") and k in r else f"{r[k]:.2f}x" if k in r else "-"
-                                   for k in ("site_ms", "site_speedup", "e2e_ms", "e2e_speedup", "vs_fused")))
+                                   for k in ("site_ms", "site_speedup", "e2e_ms", "e2e_speedup", "vs_fused", "flop_bound")))
     Console(width=200).print(table)
     (args.out / "quant_speed.json").write_text(json.dumps(list(rows.values()), indent=2))
 
