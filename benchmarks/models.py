@@ -182,6 +182,62 @@ def _hf_vit(config: dict) -> nn.Module:
     return _LastHiddenState(transformers.ViTModel(cfg, add_pooling_layer=False)).eval()
 
 
+class DiTBlock(nn.Module):
+    """diffusers-style DiT block: adaLN from the conditioning, q/k LayerNorm per head, no CLS token."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False), nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.d), nn.LayerNorm(self.d)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim))
+        self.ada = nn.Linear(dim, 4 * dim)
+
+    def forward(self, x, c):
+        shift1, scale1, shift2, scale2 = self.ada(c).unsqueeze(1).chunk(4, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        b, n, _ = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        o = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, -1))
+        return x + self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class DiT(nn.Module):
+    """Latent patches (Conv, stride = kernel) + learned positions, timestep MLP, DiT blocks, linear
+    unpatchify head: inputs `latent` [B, C, S, S] and `timestep` [B], output `noise` [B, tokens, p²·C]."""
+
+    def __init__(self, *, depth: int = 2, dim: int = 32, heads: int = 2, latent: int = 16, patch: int = 2, channels: int = 4):
+        super().__init__()
+        tokens = (latent // patch) ** 2
+        self.patch = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.1)
+        self.t_embed = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
+        self.out = nn.Linear(dim, patch * patch * channels)
+
+    def forward(self, latent, timestep):
+        x = self.patch(latent).flatten(2).transpose(1, 2) + self.pos
+        c = self.t_embed(timestep[:, None])
+        for block in self.blocks:
+            x = block(x, c)
+        return self.out(x)
+
+
+def export_dit(path: str | os.PathLike, *, seed: int = 0, **config) -> Path:
+    """A random-weight `DiT` exported with TorchScript opset 17 (dynamic batch)."""
+    torch.manual_seed(seed)
+    model = DiT(**config).eval()
+    latent = model.patch.in_channels, config.get("latent", 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, latent[0], latent[1], latent[1]), torch.tensor([0.5])), str(path),
+                          dynamo=False, opset_version=17, input_names=["latent", "timestep"], output_names=["noise"],
+                          dynamic_axes={"latent": {0: "batch"}, "timestep": {0: "batch"}, "noise": {0: "batch"}})
+    return Path(path)
+
+
 def stored_config(path: str | os.PathLike) -> dict | None:
     """The build configuration stamped into a model by `build_vit`, or None (reads no weights)."""
     try:

@@ -35,19 +35,23 @@ from attnrewrite.validate import bench as B  # noqa: E402
 PASSES = ["int8", "paro:density=0.25", "paro:density=0.25,bits=16", "paro:density=0.5", "paro:density=0.25,block=128"]
 
 
-def flop_bound(spec: str, grid: int = 64, depth: int = 12, dim: int = 768, mlp_ratio: int = 4) -> float:
+def flop_bound(spec: str, grid: int = 64, dim: int = 768, mlp_ratio: int = 4, *, with_prefix: bool = True) -> float:
     """Whole-model FLOP ratio original / rewritten: projections and MLP unchanged, attention scaled by the
-    keys each query computes (paro: its kept blocks plus the CLS column; the CLS row stays dense)."""
-    tokens = 1 + grid * grid
+    keys each query computes (paro: its kept blocks plus the CLS column; the CLS row stays dense).
+    The ratio does not depend on depth (every block is the same)."""
+    prefix = 1 if with_prefix else 0
+    tokens = prefix + grid * grid
     keys = tokens
     if spec.startswith("paro"):
         opts = dict(item.split("=") for item in spec.split(":", 1)[1].split(","))
         block = int(opts.get("block", 64))
         nb = -(-grid * grid // block)
-        keys = 1 + min(nb, max(1, round(float(opts.get("density", 0.25)) * nb))) * block
+        keys = prefix + min(nb, max(1, round(float(opts.get("density", 0.25)) * nb))) * block
     dense = 2 * tokens * dim * (4 * dim + 2 * mlp_ratio * dim)
+
     def attention(k):
-        return 2 * 2 * dim * ((tokens - 1) * k + tokens)
+        return 2 * 2 * dim * ((tokens - prefix) * k + prefix * tokens)
+
     return (dense + attention(tokens)) / (dense + attention(keys))
 
 
@@ -98,9 +102,24 @@ def photo_calibration(path: Path, img: int) -> Path:
     return path
 
 
-def e2e_rows(model: Path, out: Path, img: int, repeats: int, console: Console) -> list[dict]:
-    calib = photo_calibration(out / "astronaut_1024.npz", img)
+def dit_model(out: Path) -> tuple[Path, Path]:
+    """A diffusers-style DiT (no CLS, q/k-norm): 128² latents in 2×2 patches = 64×64 = 4096 tokens,
+    B/2 width, 4 blocks; calibration: two seeded random latents (the weights are random too)."""
+    from models import export_dit
+
+    path = out / "dit_b2_4096.onnx"
+    if not path.exists():
+        export_dit(path, depth=4, dim=768, heads=12, latent=128, patch=2)
+    calib = out / "dit_calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, latent=rng.standard_normal((2, 4, 128, 128)).astype(np.float32),
+             timestep=np.array([0.3, 0.7], np.float32))
+    return path, calib
+
+
+def e2e_rows(model: Path, calib: Path, out: Path, repeats: int, console: Console) -> list[dict]:
     paths = {"original": model}
+    drift = {}
     for spec in ["sdpa:fuse=ort", *PASSES]:
         target = out / f"{model.stem}.{''.join(c if c.isalnum() else '_' for c in spec)}.onnx"
         if not target.exists():
@@ -109,13 +128,15 @@ def e2e_rows(model: Path, out: Path, img: int, repeats: int, console: Console) -
                                    "-o", target, "--json"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{spec}: {proc.stderr.strip()[-500:]}")
+            metrics = json.loads(proc.stdout)["passes"][0]["metrics_vs_original"]
+            drift[spec] = next(iter(metrics.values()))["cosine"]
         paths[spec] = target
-    feeds = dict(np.load(calib))
+    feeds = {k: v[:1] for k, v in np.load(calib).items()}
     console.print(f"timing {len(paths)} models, {repeats} interleaved repeats ...")
     results = dict(zip(paths, B.bench_models([str(p) for p in paths.values()], feeds, warmup=1, repeats=repeats)))
     base, fused = results["original"].median_ms, results["sdpa:fuse=ort"].median_ms
     return [{"pass": name, "e2e_ms": r.median_ms, "e2e_speedup": base / r.median_ms, "vs_fused": fused / r.median_ms,
-             "flop_bound": flop_bound(name)} for name, r in results.items()]
+             **({"cosine": drift[name]} if name in drift else {})} for name, r in results.items()]
 
 
 def main(argv=None) -> None:
@@ -123,26 +144,33 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--site-only", action="store_true")
+    ap.add_argument("--model", choices=("hf_vit", "dit"), default="hf_vit",
+                    help="hf_vit: transformers ViT-B/16 @ 1024²; dit: a diffusers-style DiT, 4096 tokens, 4 blocks")
     args = ap.parse_args(argv)
     console = Console(stderr=True)
     heads, grid, d = 12, 64, 64
-    rows = {r["pass"]: r for r in site_rows(heads, grid, d, max(args.repeats, 5))}
+    rows = {r["pass"]: r for r in site_rows(heads, grid, d, max(args.repeats, 5))} if args.model == "hf_vit" else {}
     if not args.site_only:
         from models import preset
 
-        model = preset("hf_vit_b16_1024", args.out)
-        for r in e2e_rows(model, args.out, 1024, args.repeats, console):
+        if args.model == "dit":
+            model, calib = dit_model(args.out)
+        else:
+            model, calib = preset("hf_vit_b16_1024", args.out), photo_calibration(args.out / "astronaut_1024.npz", 1024)
+        for r in e2e_rows(model, calib, args.out, args.repeats, console):
+            r["flop_bound"] = flop_bound(r["pass"], with_prefix=args.model == "hf_vit")
             rows.setdefault(r["pass"], {"pass": r["pass"]}).update(r)
     table = Table(title="transformers ViT-B/16 @ 1024² (64×64 + CLS = 4097 tokens, random weights), ORT CPU, "
                         "interleaved medians")
     for col in ("pass", "site ms", "site vs original", "e2e ms", "e2e vs original", "e2e vs sdpa:fuse=ort",
-                "e2e FLOP bound"):
+                "e2e FLOP bound", "output cosine (calib)"):
         table.add_column(col)
     for r in rows.values():
         table.add_row(r["pass"], *(f"{r[k]:.0f}" if k.endswith("ms") and k in r else f"{r[k]:.2f}x" if k in r else "-"
-                                   for k in ("site_ms", "site_speedup", "e2e_ms", "e2e_speedup", "vs_fused", "flop_bound")))
+                                   for k in ("site_ms", "site_speedup", "e2e_ms", "e2e_speedup", "vs_fused", "flop_bound")),
+                      f"{r['cosine']:.4f}" if "cosine" in r else "-")
     Console(width=200).print(table)
-    (args.out / "quant_speed.json").write_text(json.dumps(list(rows.values()), indent=2))
+    (args.out / f"quant_speed_{args.model}.json").write_text(json.dumps(list(rows.values()), indent=2))
 
 
 if __name__ == "__main__":

@@ -141,51 +141,12 @@ def test_dynamic_sequence_declines_paro_but_takes_int8(capsys, exported, tmp_pat
 
 
 def _dit_style(tmp_path):
-    """A diffusers-style DiT block stack (latent patches, no CLS, q/k LayerNorm, adaLN from a timestep),
-    exported by torch: the model family PARO targets."""
-    torch = pytest.importorskip("torch")
-    from torch import nn
+    """The diffusers-style DiT of benchmarks/models.py (latent patches, no CLS, q/k LayerNorm, adaLN from a
+    timestep), exported by torch: the model family PARO targets."""
+    pytest.importorskip("torch")
+    from tests.test_examples import _load
 
-    class Block(nn.Module):
-        def __init__(self, dim=32, heads=2):
-            super().__init__()
-            self.heads, self.d = heads, dim // heads
-            self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-            self.q_norm, self.k_norm = nn.LayerNorm(self.d), nn.LayerNorm(self.d)
-            self.ada = nn.Linear(dim, 2 * dim)
-
-        def forward(self, x, c):
-            shift, scale = self.ada(c).unsqueeze(1).chunk(2, dim=-1)
-            h = self.norm(x) * (1 + scale) + shift
-            b, n, _ = h.shape
-            q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
-            o = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-            return x + self.proj(o.transpose(1, 2).reshape(b, n, -1))
-
-    class DiT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.patch = nn.Conv2d(4, 32, 2, stride=2)
-            self.pos = nn.Parameter(torch.randn(1, 64, 32) * 0.1)
-            self.t_embed = nn.Sequential(nn.Linear(1, 32), nn.SiLU(), nn.Linear(32, 32))
-            self.blocks = nn.ModuleList(Block() for _ in range(2))
-            self.out = nn.Linear(32, 4 * 4)
-
-        def forward(self, latent, timestep):
-            x = self.patch(latent).flatten(2).transpose(1, 2) + self.pos
-            c = self.t_embed(timestep[:, None])
-            for block in self.blocks:
-                x = block(x, c)
-            return self.out(x)
-
-    torch.manual_seed(0)
-    model = DiT().eval()
-    path = tmp_path / "dit.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, (torch.randn(1, 4, 16, 16), torch.tensor([0.5])), str(path), dynamo=False,
-                          opset_version=17, input_names=["latent", "timestep"], output_names=["noise"])
-    return path
+    return _load("benchmarks/models.py").export_dit(tmp_path / "dit.onnx", depth=2, dim=32, heads=2, latent=16)
 
 
 def test_dit_style_model_takes_paro_and_int8(capsys, tmp_path):
