@@ -21,6 +21,7 @@ from onnxscript.optimizer import _constant_folding
 
 from attnrewrite.ir.evaluate import fold_shape_chains
 from attnrewrite.ir.graph import MAX_FOLDED_ELEMENTS, static_dims
+from attnrewrite.onnx.ort_fusions import expand_fused_matmuls
 from attnrewrite.onnx.softmax_fusion import fuse_spelled_out_softmax
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def _canonicalize(model: ir.Model) -> ir.Model:
     # Shapes first (whole-graph ONNX inference is cheaper than onnxscript's per-node inference), so
     # that one constant-folding pass sees the shape chains already replaced by constants.
     common_passes.InlinePass()(model)
+    expand_fused_matmuls(model.graph)  # before shape inference: ONNX cannot infer through contrib ops
     infer_static_dims(model)
     fold_shape_chains(model.graph)
     _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=1 << 16, output_size_limit=1 << 20,

@@ -1,0 +1,85 @@
+"""Undo the onnxruntime fusions that hide attention in models saved after ORT's graph optimiser.
+
+Deployment pipelines often ship the model ORT wrote with `optimized_model_filepath` (or the
+transformers optimiser's output). There, `q @ kᵀ * scale` is one `com.microsoft.FusedMatMul` with
+`alpha = scale` and the transpose folded in (`MatMulScaleFusion`), which no detector rule reads. Such
+a node that feeds a Softmax is expanded back into Transpose → MatMul → Mul: the same numbers, in
+standard ops; onnxruntime fuses them again when it loads the rewritten model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+#: ops between the logits product and the Softmax that a logits chain may contain
+_LOGITS_CHAIN = {"Add", "Mul", "Div", "Where", "Sub", "Cast"}
+
+
+def expand_fused_matmuls(graph: ir.Graph) -> int:
+    """Expand `FusedMatMul` nodes whose output reaches a Softmax through a logits chain; returns the count."""
+    count = 0
+    for node in list(graph):
+        if node.op_type == "FusedMatMul" and node.domain == "com.microsoft" and _feeds_softmax(node.outputs[0]):
+            count += _expand(graph, node)
+    return count
+
+
+def _feeds_softmax(value: ir.Value, depth: int = 4) -> bool:
+    for user, _ in value.uses():
+        if user.op_type == "Softmax":
+            return True
+        if depth and user.op_type in _LOGITS_CHAIN and _feeds_softmax(user.outputs[0], depth - 1):
+            return True
+    return False
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _expand(graph: ir.Graph, node: ir.Node) -> int:
+    if _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0):
+        return 0  # batch-axis transposes: rare, left for the detector to reject with its reason
+    a, b = node.inputs[0], node.inputs[1]
+    new_nodes = []
+
+    def last_two_swapped(x: ir.Value) -> ir.Value:
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None:
+            raise _Unknown
+        t = ir.node("Transpose", [x], attributes={"perm": [*range(rank - 2), rank - 1, rank - 2]})
+        new_nodes.append(t)
+        return t.outputs[0]
+
+    try:
+        if _attr(node, "transA", 0):
+            a = last_two_swapped(a)
+        if _attr(node, "transB", 0):
+            b = last_two_swapped(b)
+    except _Unknown:
+        return 0
+    matmul = ir.node("MatMul", [a, b])
+    new_nodes.append(matmul)
+    out = matmul.outputs[0]
+    alpha = float(_attr(node, "alpha", 1.0))
+    if alpha != 1.0:
+        dtype = node.outputs[0].dtype.numpy() if node.outputs[0].dtype is not None else np.float32
+        scale = ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(alpha, dtype=dtype))})
+        mul = ir.node("Mul", [out, scale.outputs[0]])
+        new_nodes += [scale, mul]
+        out = mul.outputs[0]
+    for i, new in enumerate(new_nodes):
+        new.name = f"{node.name or 'FusedMatMul'}/expanded_{i}"
+    graph.insert_before(node, new_nodes)
+    out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+    node.outputs[0].replace_all_uses_with(out)
+    if node.outputs[0].is_graph_output():
+        return 0
+    graph.remove(node, safe=True)
+    return 1
+
+
+class _Unknown(Exception):
+    """An input of unknown rank: the transpose cannot be written."""
