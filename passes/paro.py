@@ -257,7 +257,7 @@ class ParoPlan(Plan):
                                f"{self.block} tokens per query block; {len(self.frame.global_idx)} global tokens",
                      "bits": {16: "float"}.get(self.options["bits"], f"int{self.options['bits']}"
                                                + ("" if self.options["bits"] == 8 else " (simulated in float on ORT CPU)")
-                                               + ", Q/K per token (dynamic), V per channel, P static")}
+                                               + ", Q/K per token (dynamic), V per channel, P per row")}
         if self.tables is not None:
             n = self.frame.tokens
             mask = keep_mask(self.frame, self.tables)
@@ -345,7 +345,7 @@ class ParoPass(BasePass):
             logits = Qz.emit_logits(t, qg, kg, qs, ks, site.scale, cfg.qk, rank)
             for term in extra:
                 logits = t.op("Add", [logits, term])
-            return Qz.emit_pv(t, t.op("Softmax", [logits], attributes={"axis": -1}), vg, vs, cfg.pv)
+            return Qz.emit_pv(t, graph, t.op("Softmax", [logits], attributes={"axis": -1}), vg, vs, cfg.pv)
 
         extra = []
         if site.bias is not None:

@@ -76,7 +76,9 @@ class QuantPlan(Plan):
         cfg = self.config
         out = {"Q·Kᵀ": format_label(cfg.qk), "P·V": format_label(cfg.pv),
                "scales": ("static (fitted on calibration)" if cfg.static is not None else "dynamic (computed in the graph)")
-               + f", Q/K per {cfg.granularity}, V per channel" + (", P static 1/%d" % cfg.pv.p_levels if cfg.pv else ""),
+               + f", Q/K per {cfg.granularity}, V per channel" + (
+                   (f", P per row (rowmax/{cfg.pv.p_levels})" if cfg.p_scale == "row" else f", P static 1/{cfg.pv.p_levels}")
+                   if cfg.pv else ""),
                "smoothing": ", ".join(n for n, on in (("K", cfg.smooth_k), ("V", cfg.smooth_v)) if on) or "none"}
         if cfg.static is not None:
             for name, arr in cfg.static.items():  # the largest scale per head: what bounds each head's error
@@ -104,13 +106,15 @@ class QuantPass(BasePass):
             Param("granularity", Qz.granularity, "token", "one Q/K scale per tensor, head, token or block:B tokens"),
             Param("scales", str, "dynamic", "dynamic: computed in the graph; static: fitted on --calib data",
                   choices=("dynamic", "static")),
+            Param("p_scale", str, "row", "row: each row of P at rowmax/levels (exact for long diffuse rows); "
+                  "static: P at 1/levels (faster; rows of many small weights round to zero)", choices=("row", "static")),
         )
 
     def config(self, options: dict) -> Qz.QuantConfig:
         bits = options["bits"]
         return Qz.QuantConfig(qk=product_format(options["qk"], bits), pv=product_format(options["pv"], bits),
                               smooth_k=options["smooth_k"], smooth_v=options["smooth_v"],
-                              granularity=options["granularity"])
+                              granularity=options["granularity"], p_scale=options["p_scale"])
 
     def applies(self, site: AttentionSite, options: dict) -> str | QuantPlan:
         if float_type(site.q) != np.float32:
@@ -135,7 +139,7 @@ class QuantPass(BasePass):
         if site.bias is not None:
             logits = t.op("Add", [logits, site.bias])
         probs = t.op("Softmax", [logits], attributes={"axis": -1})
-        out = Qz.emit_pv(t, probs, ops.v, ops.v_scale, cfg.pv)
+        out = Qz.emit_pv(t, graph, probs, ops.v, ops.v_scale, cfg.pv, cfg.p_scale)
         return t.op("Add", [out, ops.v_mean]) if ops.v_mean is not None else out
 
 

@@ -4,8 +4,11 @@ SageAttention's recipe (ALGORITHMS.md §7): symmetric integers, round half to ev
 scale per group (`tensor`, `head`, `token`, or `block:B` tokens) that is either computed in the graph
 from the tensor (dynamic) or fitted on calibration activations (static); K smoothed by subtracting its
 token mean (exact: q·k̄ is constant along a softmax row); V optionally smoothed by its channel mean,
-added back after P·V (exact: softmax rows sum to one); V scaled per channel; P ∈ [0, 1] quantised with
-the natural static scale 1/levels.
+added back after P·V (exact: softmax rows sum to one); V scaled per channel; P quantised as
+P̃ = P / rowmax(P) = exp(S − rowmax S) ∈ [0, 1] with the static scale 1/levels and the row's factor
+applied after P·V. That is SageAttention's P̃ (quantised before normalisation, normalised by the float
+row sum): quantising the normalised P with 1/levels instead rounds every weight of a diffuse row to
+zero once the row has more than ~2·levels keys (a DiT at 4096 tokens lost 8 % output cosine that way).
 
 Formats. On ORT CPU an 8-bit product runs as uint8 × int8 (int8 × int8 is ~8× slower), and on AVX2
 CPUs without VNNI that kernel adds int16 pairs with saturation: full-range operands were off by up to
@@ -104,6 +107,8 @@ class QuantConfig:
     granularity: str
     #: fitted scales {"q", "k", "v"} broadcastable to the tensors; None: computed from each input
     static: dict[str, np.ndarray] | None = None
+    #: "row": each row of P at rowmax(P)/levels (SageAttention's P̃); "static": P at 1/levels
+    p_scale: str = "row"
 
 
 def smooth(k: np.ndarray) -> np.ndarray:
@@ -157,8 +162,9 @@ def quant_attention_reference(q, k, v, *, scale: float, cfg: QuantConfig, bias=N
     else:
         levels = cfg.pv.p_levels
         out["v_int"] = quantize(v, scales["v"], cfg.pv.v_levels)
-        p_int = np.clip(np.rint(p * np.float32(levels)), 0, levels)
-        o = ((p_int.astype(np.float64) @ out["v_int"]) * (scales["v"] / levels)).astype(np.float32)
+        p_max = p.max(axis=-1, keepdims=True) if cfg.p_scale == "row" else np.ones_like(p[..., :1])
+        p_int = np.clip(np.rint(p / (p_max / np.float32(levels))), 0, levels)
+        o = ((p_int.astype(np.float64) @ out["v_int"]) * (scales["v"] / levels) * p_max).astype(np.float32)
     if v_mean is not None:
         o = o + v_mean
     out["output"] = o
@@ -264,16 +270,42 @@ def emit_logits(t: ir_tape.Tape, q: ir.Value, k: ir.Value, q_scale: ir.Value | N
     return t.op("Mul", [t.op("Mul", [t.op("MatMul", [q, transpose_last(t, k, rank)]), row]), col])
 
 
-def emit_pv(t: ir_tape.Tape, p: ir.Value, v: ir.Value, v_scale: ir.Value | None, fmt: Format | None) -> ir.Value:
-    """P·V, P quantised with its static scale 1/levels when V is quantised."""
+def emit_pv(t: ir_tape.Tape, graph: ir.Graph, p: ir.Value, v: ir.Value, v_scale: ir.Value | None,
+            fmt: Format | None, p_scale: str = "row") -> ir.Value:
+    """P·V; when V is quantised, each row of P is quantised with the scale rowmax(P)/levels (that is,
+    P̃ = P / rowmax(P) at 1/levels) and the row factor multiplies the (small) result.
+
+    Natively that is one per-axis QuantizeLinear over P viewed as `[rows, keys]` (a free reshape): a
+    broadcast Div or Sub over the N×N tensor costs more on ORT CPU than the INT8 product saves."""
     if fmt is None:
         return t.op("MatMul", [p, v])
     levels = fmt.p_levels
     v_scale = t.op("Div", [v_scale, const(t, float(levels), np.float32)])
+    if p_scale == "static":  # P ∈ [0, 1] at 1/levels: cheaper, but diffuse rows of many keys round to 0
+        return _pv_static(t, p, v, v_scale, fmt)
+    p_max = reduce(t, graph, "ReduceMax", p, [-1])
+    if fmt.native:
+        keys = t.op("Shape", [p], attributes={"start": -1})
+        rows = t.op("Reshape", [p, t.op("Concat", [const(t, [-1]), keys], attributes={"axis": 0})])
+        row_scale = t.op("Reshape", [t.op("Div", [p_max, const(t, float(levels), np.float32)]), const(t, [-1])])
+        # no zero point: per-axis QuantizeLinear then outputs uint8 with zero point 0
+        p_int = t.op("QuantizeLinear", [rows, row_scale], attributes={"axis": 0})
+        p_int = t.op("Reshape", [p_int, t.op("Shape", [p])])
+        ones = const(t, 1.0, np.float32)
+        pv = t.op("MatMulIntegerToFloat", [p_int, v, ones, v_scale], domain="com.microsoft")
+    else:
+        p_tilde = t.op("Div", [p, p_max])
+        p_int = t.op("Clip", [t.op("Round", [t.op("Mul", [p_tilde, const(t, float(levels), np.float32)])]),
+                              const(t, 0.0, np.float32), const(t, float(levels), np.float32)])
+        pv = t.op("Mul", [t.op("MatMul", [p_int, v]), v_scale])
+    return t.op("Mul", [pv, p_max])
+
+
+def _pv_static(t: ir_tape.Tape, p: ir.Value, v: ir.Value, v_scale: ir.Value, fmt: Format) -> ir.Value:
+    levels = fmt.p_levels
     if fmt.native:
         p_int = t.op("QuantizeLinear", [p, const(t, 1.0 / levels, np.float32), const(t, 0, np.uint8)])
-        ones = const(t, 1.0, np.float32)
-        return t.op("MatMulIntegerToFloat", [p_int, v, ones, v_scale], domain="com.microsoft")
+        return t.op("MatMulIntegerToFloat", [p_int, v, const(t, 1.0, np.float32), v_scale], domain="com.microsoft")
     p_int = t.op("Clip", [t.op("Round", [t.op("Mul", [p, const(t, float(levels), np.float32)])]),
                           const(t, 0.0, np.float32), const(t, float(levels), np.float32)])
     return t.op("Mul", [t.op("MatMul", [p_int, v]), v_scale])

@@ -79,10 +79,10 @@ def _rewrite(spec_text, arrays, *, bias=None, grid=None, prefix=None, suffix=0, 
     return ort_run(proto, feeds), plan
 
 
-def _cfg(bits=8, gran="token", smooth_k=True, smooth_v=False, qk=True, pv=True):
+def _cfg(bits=8, gran="token", smooth_k=True, smooth_v=False, qk=True, pv=True, p_scale="row"):
     fmt = Qz.FORMATS[bits]
     return Qz.QuantConfig(qk=fmt if qk else None, pv=fmt if pv else None, smooth_k=smooth_k, smooth_v=smooth_v,
-                          granularity=gran)
+                          granularity=gran, p_scale=p_scale)
 
 
 @pytest.mark.parametrize("gran", ["tensor", "head", "token", "block:4", "block:5"])
@@ -122,16 +122,33 @@ def test_int8_pv_integer_part_bit_exact():
     p_u8 = next(v for n, v in got.items() if n.startswith("QuantizeLinear"))
     v_i8 = [v for n, v in got.items() if n.startswith("Cast") and v.dtype == np.int8][-1]
     pv = next(v for n, v in got.items() if n.startswith("MatMulIntegerToFloat") and v.shape[-1] == 8)
-    assert p_u8.max() <= 127
+    assert (p_u8.max(axis=-1) == 127).all()  # P̃ = P / rowmax: each row's largest weight uses the full range
     ref = Qz.quant_attention_reference(arrays["q"], arrays["k"], arrays["v"], scale=SCALE, cfg=_cfg())
+    p_u8 = p_u8.reshape(*v_i8.shape[:3], -1)  # quantised per row as [rows, keys]
     ints = p_u8.astype(np.int64) @ v_i8.astype(np.int64)
     np.testing.assert_allclose(pv, ints * (ref["scales"]["v"] / 127), rtol=1e-6)
+
+
+def test_int8_keeps_diffuse_long_rows():
+    """1024 keys with near-uniform attention: every normalised weight is below 1/(2·127), so quantising P
+    itself would round them all to zero; P̃ keeps the output within INT8 error."""
+    rng = np.random.default_rng(14)
+    arrays = {"q": (rng.standard_normal((1, 2, 1024, 16)) * 0.1).astype(np.float32),
+              "k": rng.standard_normal((1, 2, 1024, 16)).astype(np.float32),
+              "v": (rng.standard_normal((1, 2, 1024, 16)) + 1).astype(np.float32)}
+    exact = Qz.quant_attention_reference(arrays["q"], arrays["k"], arrays["v"], scale=SCALE, cfg=_cfg(qk=False, pv=False))
+    errors = {}
+    for p_scale in ("row", "static"):
+        got, _ = _rewrite(f"int8:p_scale={p_scale}", arrays)
+        errors[p_scale] = np.linalg.norm(got["out"] - exact["output"]) / np.linalg.norm(exact["output"])
+    assert errors["row"] < 0.02 and errors["static"] > 0.5, errors
 
 
 @pytest.mark.parametrize("spec,cfg", [
     ("int4", dict(bits=4)), ("quant:pv=fp", dict(pv=False)), ("quant:qk=fp", dict(qk=False)),
     ("quant:bits=4,smooth_v=true,granularity=head", dict(bits=4, gran="head", smooth_v=True)),
     ("quant:granularity=block:8,smooth_k=false", dict(gran="block:8", smooth_k=False)),
+    ("int8:p_scale=static", dict(p_scale="static")), ("int4:p_scale=static", dict(bits=4, p_scale="static")),
 ])
 def test_quant_matches_reference(spec, cfg):
     arrays = _arrays(np.random.default_rng(5), 2, 2, 20, 8)
