@@ -3,8 +3,9 @@
     O = softmax(scale · Q̂·K̂ᵀ + bias) · V̂        (hats: quantised; see passes/quantize.py for the formats)
 
 `int8` and `int4` are the same pass with `bits` preset. At 8 bits Q·Kᵀ runs as ORT's uint8 × int8
-`MatMulIntegerToFloat` (dequantisation fused, per-row × per-column scales), P is quantised with
-`QuantizeLinear` at the static scale 1/127 and P·V runs the same kernel. At 4 bits ORT CPU has no
+`MatMulIntegerToFloat` (dequantisation fused, per-row × per-column scales), each row of P is quantised
+by one per-axis `QuantizeLinear` at rowmax/127 (SageAttention's P̃; `p_scale=static` uses 1/127, which
+is faster but rounds diffuse rows of many keys to zero) and P·V runs the same kernel. At 4 bits ORT CPU has no
 integer kernel: the graph computes the same integers as floats (an accuracy simulation).
 Dense INT8 attention barely pays on CPU (the N×N tensor's memory traffic dominates the time); the
 speed comes with block sparsity (`paro`).
@@ -94,7 +95,7 @@ class QuantPass(BasePass):
         self.name = name
         self.description = (
             f"softmax attention on {'integers' if name == 'quant' else f'INT{bits}'}: Q·Kᵀ and P·V quantised "
-            "(SageAttention: K smoothing, per-group Q/K scales, P at 1/levels); INT4 is simulated on ORT CPU")
+            "(SageAttention: K smoothing, per-group Q/K scales, P per row at rowmax/levels); INT4 is simulated on ORT CPU")
         self.params = (
             Param("bits", bits_param, bits, "8: ORT integer kernels; 4: simulated in float on ORT CPU"),
             Param("qk", str, "int", "Q·Kᵀ: int (at bits), int8, int4 or fp", choices=("int", "int8", "int4", "fp")),
