@@ -5,8 +5,12 @@ For each pass: end-to-end latency vs the original and vs the original after `sdp
 plain MatMul's GFLOP/s measured in the same run. All models are timed interleaved so machine noise
 hits them alike. Random weights (attention quality is not the point here; see `attnrewrite audit`).
 
-    python benchmarks/spatial.py                 # full ViT-B/16 @ 1024 (several minutes on 2 cores)
-    python benchmarks/spatial.py --depth 2 --img 512 --repeats 2   # quick look
+The model is transformers' `ViTModel` exported by torch (`--model hf`, the default: eager attention,
+TorchScript opset 17, `benchmarks/models.py hf_vit_b16_1024`), the graph users bring; `--model
+synthetic` times the pure-ONNX timm-style graph of `attnrewrite.synthetic` for comparison.
+
+    python benchmarks/spatial.py                 # transformers ViT-B/16 @ 1024 (several minutes on 2 cores)
+    python benchmarks/spatial.py --model synthetic --depth 2 --img 512 --repeats 2   # quick look
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,18 +37,29 @@ from attnrewrite.validate.pipeline import apply_unvalidated
 from attnrewrite.registry import parse_pass
 from attnrewrite.synthetic import vit
 
-PASSES = ["sdpa:fuse=ort", "window:size=16x16", "neighborhood:kernel=15", "window:size=8x8", "neighborhood:kernel=7"]
+PASSES = ["sdpa:fuse=ort", "window:size=16x16", "neighborhood:kernel=15", "window:size=8x8", "neighborhood:kernel=7",
+          "neighborhood:kernel=7,dilation=2", "grid:size=8", "halo:block=8,halo=4"]
+
+
+def _rules(spec, grid: int):
+    """The pass's per-axis rules on a square grid (the same tables its emitter uses), or None (dense)."""
+    o = spec.options
+    if spec.name == "window":
+        return E.rules_window((grid, grid), o["size"])
+    if spec.name == "neighborhood":
+        return E.rules_neighborhood((grid, grid), o["kernel"], o["dilation"])
+    if spec.name == "grid":
+        return E.rules_grid((grid, grid), o["size"])
+    if spec.name == "halo":
+        return E.rules_halo((grid, grid), o["block"], o["halo"])
+    return None
 
 
 def keys_per_query(spec_text: str, grid: int, prefix: int) -> float:
     """Average keys a grid query attends to (useful work), from the pass's own tables."""
-    spec = parse_pass(spec_text)
     n = grid * grid
-    if spec.name == "window":
-        rules = E.rules_window((grid, grid), spec.options["size"])
-    elif spec.name == "neighborhood":
-        rules = E.rules_neighborhood((grid, grid), spec.options["kernel"], spec.options["dilation"])
-    else:
+    rules = _rules(parse_pass(spec_text), grid)
+    if rules is None:
         return prefix + n
     allowed = sum(len(ry) * len(rx) for ry in (rules[0].keys[y] for y in range(grid)) for rx in (rules[1].keys[x] for x in range(grid)))
     return prefix + allowed / n
@@ -64,11 +80,10 @@ def site_model(spec_text: str, heads: int, tokens: int, d: int, grid: int, prefi
     t = ir_tape.Tape(graph)
     spec = parse_pass(spec_text if spec_text != "original" else "sdpa")
     scale = d ** -0.5
-    if spec.name == "window":
-        out = E.emit_window(t, *inputs, scale=scale, bias=None, grid=(grid, grid), prefix=prefix, size=spec.options["size"])
-    elif spec.name == "neighborhood":
-        out = E.emit_neighborhood(t, *inputs, scale=scale, bias=None, grid=(grid, grid), prefix=prefix,
-                                  kernel=spec.options["kernel"], dilation=spec.options["dilation"])
+    rules = _rules(spec, grid)
+    if rules is not None:
+        out = E.emit_tiled(t, *inputs, scale=scale, bias=None, grid=(grid, grid), prefix=prefix, rule_y=rules[0],
+                           rule_x=rules[1])
     else:
         out = softmax_attention(t, *inputs, scale, None)
     out.name = "o"
@@ -89,6 +104,8 @@ def main() -> None:
     ap.add_argument("--passes", nargs="*", default=PASSES)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--site-repeats", type=int, default=5)
+    ap.add_argument("--model", choices=("hf", "synthetic"), default="hf",
+                    help="hf: transformers ViTModel exported by torch; synthetic: attnrewrite.synthetic's ONNX graph")
     args = ap.parse_args()
     console = Console(stderr=True)
     out = Path(args.out)
@@ -96,7 +113,12 @@ def main() -> None:
     grid, prefix, d = args.img // 16, 1, args.dim // args.heads
     tokens = prefix + grid * grid
     base = out / f"vit_d{args.depth}_{args.img}.onnx"
-    if not base.exists():
+    if args.model == "hf":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from models import preset
+
+        base = preset("hf_vit_b16_1024", out, depth=args.depth, dim=args.dim, heads=args.heads, img=args.img)
+    elif not base.exists():
         console.print(f"building {base} ...")
         proto = vit(depth=args.depth, img=(args.img, args.img), patch=16, dim=args.dim, heads=args.heads, prefix=prefix,
                     classes=1000, mlp_ratio=4, dynamic_batch=False, sharpen=1.0)
@@ -104,14 +126,15 @@ def main() -> None:
     paths = {"original": base}
     for spec_text in args.passes:
         path = out / f"{base.stem}.{spec_text.replace(':', '_').replace('=', '').replace(',', '_')}.onnx"
-        if not path.exists():
-            model = load_model(base)
-            t0 = time.perf_counter()
-            ids = apply_unvalidated(model, parse_pass(spec_text))
-            save_model(model, path, force=True)
-            console.print(f"{spec_text}: rewrote {len(ids)} sites in {time.perf_counter() - t0:.1f} s")
+        # rewritten on every run: a cached rewrite would hide changes to the passes
+        model = load_model(base)
+        t0 = time.perf_counter()
+        ids = apply_unvalidated(model, parse_pass(spec_text))
+        save_model(model, path, force=True)
+        console.print(f"{spec_text}: rewrote {len(ids)} sites in {time.perf_counter() - t0:.1f} s")
         paths[spec_text] = path
-    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, args.img, args.img)).astype(np.float32)}
+    name = "pixel_values" if args.model == "hf" else "x"
+    feeds = {name: np.random.default_rng(0).standard_normal((1, 3, args.img, args.img)).astype(np.float32)}
     console.print(f"timing {len(paths)} models, {args.repeats} interleaved repeats ...")
     results = B.bench_models([str(p) for p in paths.values()], feeds, warmup=args.warmup, repeats=args.repeats,
                              threads=args.threads)
@@ -140,7 +163,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"matmul_gflops": mm, "dense_site_flops": dense_site, "rows": rows}, indent=2))
         return
-    table = Table(title=f"ViT-B/16 @ {args.img} ({grid}x{grid}+{prefix} tokens, depth {args.depth}), ORT CPU {threads} threads; "
+    which = "transformers ViTModel export" if args.model == "hf" else "synthetic ONNX graph"
+    table = Table(title=f"ViT-B/16 @ {args.img} ({which}, {grid}x{grid}+{prefix} tokens, depth {args.depth}), ORT CPU {threads} threads; "
                         f"plain MatMul {mm:.1f} GFLOP/s")
     for col in ("pass", "median ms", "vs original", "vs fused", "FLOP bound", "of bound", "site ms", "site GFLOP/s", "of MatMul"):
         table.add_column(col)
