@@ -33,12 +33,6 @@ from attnrewrite.passes.spatial import tables as S
 #: Tables at least this many elements become shared, content-named initializers.
 _SHARED_MIN_SIZE = 256
 
-#: Masked logits are raised to (row max − this) before the Softmax. MLAS's exp takes a slow path on
-#: very negative inputs (a 53 %-masked [1,12,64,64,485] softmax: 62-85 ms, unmasked 14 ms, clamped
-#: 44 ms on ORT 1.32 CPU); e⁻⁸⁰ ≈ 1.8e-35 is a normal float, so a masked key keeps at most that
-#: weight relative to the row's largest (below float32 resolution of any sum of weights). 0 disables.
-CLAMP_BELOW_MAX = 0.0
-
 
 def _const(t: ir_tape.Tape, array: np.ndarray) -> ir.Value:
     array = np.ascontiguousarray(array)
@@ -197,8 +191,6 @@ def emit_tiled(
         logits = t.op("Add", [logits, _const(t, additive.astype(dtype))])
     if dynamic_bias is not None:
         logits = t.op("Add", [logits, dynamic_bias])
-    if additive is not None and CLAMP_BELOW_MAX:
-        logits = _clamped_below_max(t, logits, CLAMP_BELOW_MAX, dtype)
     out = t.op("MatMul", [t.op("Softmax", [logits], attributes={"axis": -1}), v_tiles])
     flat = t.op("Reshape", [out, _ints(t, [0, 0, n_tiles * tq, dv])])
     if n_tiles * tq == grid[0] * grid[1] and np.array_equal(tables.inverse, np.arange(tables.inverse.size)):
@@ -218,15 +210,6 @@ def emit_tiled(
             bias_rows = _slice(t, bias_rows, 0, prefix, rank - 1)
         prefix_out = _dense(t, qp, _slice(t, k, 0, prefix, 2), _slice(t, v, 0, prefix, 2), bias_rows)
     return _typed(t.op("Concat", [prefix_out, grid_out], attributes={"axis": 2}), q, n_total, dv)
-
-
-def _clamped_below_max(t, logits: ir.Value, gap: float, dtype) -> ir.Value:
-    """Max(S, rowmax(S) − gap): the same softmax to float32 resolution, off MLAS's slow exp path."""
-    axes = _ints(t, [-1])
-    opset = t.graph_like.opset_imports.get("", 17) if isinstance(t.graph_like, ir.Graph) else 17
-    rowmax = (t.op("ReduceMax", [logits, axes], attributes={"keepdims": 1}) if opset >= 18
-              else t.op("ReduceMax", [logits], attributes={"axes": [-1], "keepdims": 1}))
-    return t.op("Max", [logits, t.op("Sub", [rowmax, _const(t, np.array(gap, dtype))])])
 
 
 def _typed(out: ir.Value, q: ir.Value, n_total: int, dv: int) -> ir.Value:
