@@ -117,15 +117,15 @@ def dit_model(out: Path) -> tuple[Path, Path]:
     return path, calib
 
 
-def e2e_rows(model: Path, calib: Path, out: Path, repeats: int, console: Console) -> list[dict]:
+def e2e_rows(model: Path, calib: Path, out: Path, repeats: int, console: Console, rebuild: bool = False) -> list[dict]:
     paths = {"original": model}
     drift = {}
     for spec in ["sdpa:fuse=ort", *PASSES]:
         target = out / f"{model.stem}.{''.join(c if c.isalnum() else '_' for c in spec)}.onnx"
-        if not target.exists():
+        if rebuild or not target.exists():  # a cached rewrite is reused: --rebuild after changing a pass
             console.print(f"rewriting with {spec} ...")
             proc = subprocess.run([sys.executable, "-m", "attnrewrite", model, "--pass", spec, "--calib", calib,
-                                   "-o", target, "--json"], capture_output=True, text=True)
+                                   "-o", target, "--json", "--force"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{spec}: {proc.stderr.strip()[-500:]}")
             metrics = json.loads(proc.stdout)["passes"][0]["metrics_vs_original"]
@@ -144,6 +144,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--site-only", action="store_true")
+    ap.add_argument("--rebuild", action="store_true", help="rewrite again even where bench-out has the rewritten model")
     ap.add_argument("--model", choices=("hf_vit", "dit"), default="hf_vit",
                     help="hf_vit: transformers ViT-B/16 @ 1024²; dit: a diffusers-style DiT, 4096 tokens, 4 blocks")
     args = ap.parse_args(argv)
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
             model, calib = dit_model(args.out)
         else:
             model, calib = preset("hf_vit_b16_1024", args.out), photo_calibration(args.out / "astronaut_1024.npz", 1024)
-        for r in e2e_rows(model, calib, args.out, args.repeats, console):
+        for r in e2e_rows(model, calib, args.out, args.repeats, console, args.rebuild):
             r["flop_bound"] = flop_bound(r["pass"], with_prefix=args.model == "hf_vit")
             rows.setdefault(r["pass"], {"pass": r["pass"]}).update(r)
     table = Table(title="transformers ViT-B/16 @ 1024² (64×64 + CLS = 4097 tokens, random weights), ORT CPU, "
