@@ -253,11 +253,13 @@ class ParoPlan(Plan):
     notes: tuple[str, ...] = ()
 
     def summary(self) -> dict:
+        bits = self.options["bits"]
+        precision = "float" if bits == 16 else (
+            f"int{bits}{'' if bits == 8 else ' (simulated in float on ORT CPU)'}, Q/K per token (dynamic), "
+            "V per channel, P per row")
         out: dict = {"blocks": f"{self.kept} of {math.ceil(len(self.frame.blocked) / self.block)} key blocks of "
                                f"{self.block} tokens per query block; {len(self.frame.global_idx)} global tokens",
-                     "bits": {16: "float"}.get(self.options["bits"], f"int{self.options['bits']}"
-                                               + ("" if self.options["bits"] == 8 else " (simulated in float on ORT CPU)")
-                                               + ", Q/K per token (dynamic), V per channel, P per row")}
+                     "bits": precision}
         if self.tables is not None:
             n = self.frame.tokens
             mask = keep_mask(self.frame, self.tables)
