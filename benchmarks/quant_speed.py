@@ -161,8 +161,9 @@ def main(argv=None) -> None:
         for r in e2e_rows(model, calib, args.out, args.repeats, console, args.rebuild):
             r["flop_bound"] = flop_bound(r["pass"], with_prefix=args.model == "hf_vit")
             rows.setdefault(r["pass"], {"pass": r["pass"]}).update(r)
-    table = Table(title="transformers ViT-B/16 @ 1024² (64×64 + CLS = 4097 tokens, random weights), ORT CPU, "
-                        "interleaved medians")
+    title = ("transformers ViT-B/16 @ 1024² (64×64 + CLS = 4097 tokens" if args.model == "hf_vit" else
+             "diffusers-style DiT (64×64 = 4096 latent tokens, no CLS, 4 blocks")
+    table = Table(title=f"{title}, random weights), ORT CPU, interleaved medians")
     for col in ("pass", "site ms", "site vs original", "e2e ms", "e2e vs original", "e2e vs sdpa:fuse=ort",
                 "e2e FLOP bound", "output cosine (calib)"):
         table.add_column(col)
