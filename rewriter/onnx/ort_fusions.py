@@ -40,46 +40,31 @@ def _attr(node: ir.Node, name: str, default):
 
 
 def _expand(graph: ir.Graph, node: ir.Node) -> int:
-    if _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0):
-        return 0  # batch-axis transposes: rare, left for the detector to reject with its reason
-    a, b = node.inputs[0], node.inputs[1]
-    new_nodes = []
-
-    def last_two_swapped(x: ir.Value) -> ir.Value:
-        rank = len(x.shape) if x.shape is not None else None
-        if rank is None:
-            raise _Unknown
-        t = ir.node("Transpose", [x], attributes={"perm": [*range(rank - 2), rank - 1, rank - 2]})
-        new_nodes.append(t)
-        return t.outputs[0]
-
-    try:
-        if _attr(node, "transA", 0):
-            a = last_two_swapped(a)
-        if _attr(node, "transB", 0):
-            b = last_two_swapped(b)
-    except _Unknown:
-        return 0
-    matmul = ir.node("MatMul", [a, b])
-    new_nodes.append(matmul)
-    out = matmul.outputs[0]
+    """Replace one FusedMatMul by [Transpose] → MatMul → [Mul alpha]; 1 if done, 0 if left as it is."""
+    trans = [bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))]
+    if _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0) or node.outputs[0].is_graph_output():
+        return 0  # batch-axis transposes are rare: left for the detector to reject with its reason
+    if any(t and x.shape is None for t, x in zip(trans, node.inputs[:2])):
+        return 0  # a transpose of unknown rank cannot be written
+    new_nodes: list[ir.Node] = []
+    operands = []
+    for transposed, x in zip(trans, node.inputs[:2]):
+        if transposed:
+            rank = len(x.shape)
+            new_nodes.append(ir.node("Transpose", [x], attributes={"perm": [*range(rank - 2), rank - 1, rank - 2]}))
+            x = new_nodes[-1].outputs[0]
+        operands.append(x)
+    new_nodes.append(ir.node("MatMul", operands))
     alpha = float(_attr(node, "alpha", 1.0))
     if alpha != 1.0:
         dtype = node.outputs[0].dtype.numpy() if node.outputs[0].dtype is not None else np.float32
         scale = ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(alpha, dtype=dtype))})
-        mul = ir.node("Mul", [out, scale.outputs[0]])
-        new_nodes += [scale, mul]
-        out = mul.outputs[0]
+        new_nodes += [scale, ir.node("Mul", [new_nodes[-1].outputs[0], scale.outputs[0]])]
     for i, new in enumerate(new_nodes):
         new.name = f"{node.name or 'FusedMatMul'}/expanded_{i}"
     graph.insert_before(node, new_nodes)
+    out = new_nodes[-1].outputs[0]
     out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
     node.outputs[0].replace_all_uses_with(out)
-    if node.outputs[0].is_graph_output():
-        return 0
     graph.remove(node, safe=True)
     return 1
-
-
-class _Unknown(Exception):
-    """An input of unknown rank: the transpose cannot be written."""
