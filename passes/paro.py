@@ -29,7 +29,7 @@ from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes import quantize as Qz
 from attnrewrite.passes.ops import const, float_type, key_row
-from attnrewrite.passes.quant import bool_param, product_format
+from attnrewrite.passes.quant import bool_param, opset_reason, product_format
 from attnrewrite.passes.spatial.common import GLOBAL_TOKENS
 from attnrewrite.registry import BasePass, Param, Plan, positive_int
 from attnrewrite.site import AttentionSite
@@ -299,6 +299,8 @@ class ParoPass(BasePass):
             return "the site already attends inside windows"
         if site.num_heads is None or site.head_dim is None:
             return "paro needs static heads and head dim"
+        if options["bits"] != 16 and (reason := opset_reason(site)):
+            return reason
         if site.bias is not None and not site.bias_per_key:
             return f"{site.bias_kind} bias varies per query (relative positions, masks); paro gathers key-padding biases only"
         if site.bias is not None and site.bias.shape is None:

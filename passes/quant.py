@@ -47,6 +47,17 @@ def product_format(choice: str, bits: int) -> Qz.Format | None:
     return Qz.FORMATS[bits if choice == "int" else int(choice[3:])]
 
 
+#: per-axis QuantizeLinear (P per row) and Clip with min/max inputs
+MIN_OPSET = 13
+
+
+def opset_reason(site: AttentionSite) -> str | None:
+    """Why the quantised emission cannot go into this site's model (None: it can)."""
+    graph = site.anchor.graph if site.anchor is not None else None
+    opset = graph.opset_imports.get("", MIN_OPSET) if graph is not None else MIN_OPSET
+    return f"quantised attention needs opset >= {MIN_OPSET} (the model has {opset})" if opset < MIN_OPSET else None
+
+
 def format_label(fmt: Qz.Format | None) -> str:
     if fmt is None:
         return "float"
@@ -120,6 +131,8 @@ class QuantPass(BasePass):
     def applies(self, site: AttentionSite, options: dict) -> str | QuantPlan:
         if float_type(site.q) != np.float32:
             return f"quantised attention is built for float32 sites (this one computes in {np.dtype(float_type(site.q)).name})"
+        if reason := opset_reason(site):
+            return reason
         gran, static = options["granularity"], options["scales"] == "static"
         positional = gran == "token" or gran.startswith("block:")
         if (static and positional or gran.startswith("block:")) and (site.q_len is None or site.kv_len is None):

@@ -285,7 +285,7 @@ def emit_pv(t: ir_tape.Tape, graph: ir.Graph, p: ir.Value, v: ir.Value, v_scale:
         return _pv_static(t, p, v, v_scale, fmt)
     p_max = reduce(t, graph, "ReduceMax", p, [-1])
     if fmt.native:
-        keys = t.op("Shape", [p], attributes={"start": -1})
+        keys = t.op("Slice", [t.op("Shape", [p]), const(t, [-1]), const(t, [np.iinfo(np.int64).max])])
         rows = t.op("Reshape", [p, t.op("Concat", [const(t, [-1]), keys], attributes={"axis": 0})])
         row_scale = t.op("Reshape", [t.op("Div", [p_max, const(t, float(levels), np.float32)]), const(t, [-1])])
         # no zero point: per-axis QuantizeLinear then outputs uint8 with zero point 0
@@ -294,10 +294,7 @@ def emit_pv(t: ir_tape.Tape, graph: ir.Graph, p: ir.Value, v: ir.Value, v_scale:
         ones = const(t, 1.0, np.float32)
         pv = t.op("MatMulIntegerToFloat", [p_int, v, ones, v_scale], domain="com.microsoft")
     else:
-        p_tilde = t.op("Div", [p, p_max])
-        p_int = t.op("Clip", [t.op("Round", [t.op("Mul", [p_tilde, const(t, float(levels), np.float32)])]),
-                              const(t, 0.0, np.float32), const(t, float(levels), np.float32)])
-        pv = t.op("Mul", [t.op("MatMul", [p_int, v]), v_scale])
+        pv = t.op("Mul", [t.op("MatMul", [_simulated_p(t, t.op("Div", [p, p_max]), levels), v]), v_scale])
     return t.op("Mul", [pv, p_max])
 
 
@@ -306,6 +303,10 @@ def _pv_static(t: ir_tape.Tape, p: ir.Value, v: ir.Value, v_scale: ir.Value, fmt
     if fmt.native:
         p_int = t.op("QuantizeLinear", [p, const(t, 1.0 / levels, np.float32), const(t, 0, np.uint8)])
         return t.op("MatMulIntegerToFloat", [p_int, v, const(t, 1.0, np.float32), v_scale], domain="com.microsoft")
-    p_int = t.op("Clip", [t.op("Round", [t.op("Mul", [p, const(t, float(levels), np.float32)])]),
-                          const(t, 0.0, np.float32), const(t, float(levels), np.float32)])
-    return t.op("Mul", [t.op("MatMul", [p_int, v]), v_scale])
+    return t.op("Mul", [t.op("MatMul", [_simulated_p(t, p, levels), v]), v_scale])
+
+
+def _simulated_p(t: ir_tape.Tape, p: ir.Value, levels: int) -> ir.Value:
+    """Round(p·levels) clipped to [0, levels], as integer-valued floats (the 4-bit simulation)."""
+    scaled = t.op("Round", [t.op("Mul", [p, const(t, float(levels), np.float32)])])
+    return t.op("Clip", [scaled, const(t, 0.0, np.float32), const(t, float(levels), np.float32)])

@@ -163,3 +163,17 @@ def test_dit_style_model_takes_paro_and_int8(capsys, tmp_path):
     assert doc["passes"][0]["sites"][0]["plan"]["order per head"] == ["tile:4", "tile:4"]
     rc, doc, err, _ = _rewrite(capsys, path, tmp_path, "int8", "--calib", calib)
     assert rc == 0 and doc["passes"][0]["metrics_vs_original"]["noise"]["cosine"] > 0.99, err
+
+
+def test_old_opset_is_declined_with_the_reason(capsys, tmp_path):
+    """Per-row P needs per-axis QuantizeLinear (opset 13): an opset-12 model keeps its attention, said why."""
+    path = tmp_path / "attention12.onnx"
+    onnx.save(B.plain_attention(opset=12, self_attention=True, project=True), path)
+    rc, doc, err, _ = _rewrite(capsys, path, tmp_path, "int8")
+    assert rc == 0, err
+    assert doc["passes"][0]["rewritten"] == []
+    assert all("opset >= 13" in s["reason"] for s in doc["passes"][0]["sites"])
+    onnx.save(B.plain_attention(opset=13, self_attention=True, project=True), path)
+    for spec in ("int8", "int4", "quant:granularity=block:4"):
+        rc, doc, err, _ = _rewrite(capsys, path, tmp_path, spec)
+        assert rc == 0 and doc["passes"][0]["rewritten"] == ["attn_0"], (spec, err)
