@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                     # both models, every pass below (~10 min on 2 cores)
     python benchmarks/accuracy.py --only digits --out bench-out/accuracy
+    python benchmarks/accuracy.py --suite quant       # int8 / int4 / paro rows instead (~12 min)
 
 Drift on random-weight fixtures says a rewrite is wired right; only trained weights say what it costs.
 Two real models, no downloads:
