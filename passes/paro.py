@@ -299,6 +299,8 @@ class ParoPass(BasePass):
             return "the site already attends inside windows"
         if site.num_heads is None or site.head_dim is None:
             return "paro needs static heads and head dim"
+        if site.q.shape is None or len(site.q.shape) != 4 or site.q.shape[1] != site.num_heads:
+            return "paro's per-head tables need Q as [B, heads, N, d] (this export folds the heads into the batch axis)"
         if options["bits"] != 16 and (reason := opset_reason(site)):
             return reason
         if site.bias is not None and not site.bias_per_key:

@@ -288,3 +288,14 @@ def test_paro_density_one_keeps_identity_order():
     tables = PR.fit_tables(arrays["q"], arrays["k"], None, scale=1.0, frame=frame, candidates=("hw", "wh", "tile:2"),
                            block=4, kept=4, keep_diag=True)
     assert tables.orders == ("hw", "hw") and np.allclose(tables.mass_kept, 1.0)
+
+
+def test_paro_declines_heads_folded_into_the_batch():
+    """A `[B·h, 1, N, d]` site (heads in the batch axis) cannot take per-head tables: a reason, not a crash."""
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    q, k, v = (ir.Value(name=x, shape=ir.Shape([4, 1, 16, 8]), type=f32) for x in "qkv")
+    _, site = _site(2, 2, 16, 8)
+    folded = AttentionSite(id="attn_0", info=dataclasses.replace(site.info, output_layout="squeeze1"), anchor=None,
+                           q=q, k=k, v=v, output=None, bias=None, nodes=())
+    reason = parse_pass("paro").applies(folded)
+    assert isinstance(reason, str) and "heads into the batch" in reason
