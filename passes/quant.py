@@ -86,17 +86,24 @@ class QuantPlan(Plan):
 
     def summary(self) -> dict:
         cfg = self.config
+        origin = "static (fitted on calibration)" if cfg.static is not None else "dynamic (computed in the graph)"
+        p_text = ""
+        if cfg.pv is not None:
+            p_text = f", P per row (rowmax/{cfg.pv.p_levels})" if cfg.p_scale == "row" else f", P static 1/{cfg.pv.p_levels}"
+        smoothed = [name for name, on in (("K", cfg.smooth_k), ("V", cfg.smooth_v)) if on]
         out = {"Q·Kᵀ": format_label(cfg.qk), "P·V": format_label(cfg.pv),
-               "scales": ("static (fitted on calibration)" if cfg.static is not None else "dynamic (computed in the graph)")
-               + f", Q/K per {cfg.granularity}, V per channel" + (
-                   (f", P per row (rowmax/{cfg.pv.p_levels})" if cfg.p_scale == "row" else f", P static 1/{cfg.pv.p_levels}")
-                   if cfg.pv else ""),
-               "smoothing": ", ".join(n for n, on in (("K", cfg.smooth_k), ("V", cfg.smooth_v)) if on) or "none"}
-        if cfg.static is not None:
-            for name, arr in cfg.static.items():  # the largest scale per head: what bounds each head's error
-                per_head = arr.max(axis=tuple(i for i in range(arr.ndim) if i != 1)) if arr.shape[1] > 1 else arr.reshape(-1)[:1]
-                out[f"{name} scale per head"] = [float(f"{x:.4g}") for x in per_head]
+               "scales": f"{origin}, Q/K per {cfg.granularity}, V per channel{p_text}",
+               "smoothing": ", ".join(smoothed) or "none"}
+        for name, arr in (cfg.static or {}).items():
+            out[f"{name} scale per head"] = [float(f"{x:.4g}") for x in _largest_per_head(arr)]
         return out
+
+
+def _largest_per_head(scales: np.ndarray) -> np.ndarray:
+    """The largest scale of each head (axis 1; one value when the scale is shared): it bounds the head's error."""
+    if scales.shape[1] == 1:
+        return scales.reshape(-1)[:1]
+    return scales.max(axis=tuple(i for i in range(scales.ndim) if i != 1))
 
 
 class QuantPass(BasePass):
