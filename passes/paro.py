@@ -160,13 +160,7 @@ def fit_tables(q, k, bias, *, scale: float, frame: Frame, candidates: tuple[str,
     heads, nblocked = q.shape[1], len(frame.blocked)
     nb = math.ceil(nblocked / block)
     blocked = np.asarray(frame.blocked)
-    onehots = {}
-    for name in candidates:  # H[token, block] = 1 where the token sits under this order
-        h_mat = np.zeros((nblocked, nb), np.float32)
-        pos = np.empty(nblocked, np.int64)
-        pos[np.searchsorted(blocked, frame.order(name))] = np.arange(nblocked)
-        h_mat[np.arange(nblocked), pos // block] = 1.0
-        onehots[name] = h_mat
+    onehots = {name: _block_membership(frame, name, block) for name in candidates}
     mass = np.zeros((heads, len(candidates), nb, nb))
     global_mass = np.zeros(heads)
     rows = np.zeros(heads)
@@ -188,6 +182,16 @@ def fit_tables(q, k, bias, *, scale: float, frame: Frame, candidates: tuple[str,
         tables.append(best_sel)
         kept_mass.append((best_mass + global_mass[h]) / rows[h])
     return Tables(tuple(orders), np.stack(tables), tuple(kept_mass), block)
+
+
+def _block_membership(frame: Frame, order: str, block: int) -> np.ndarray:
+    """H[token, block] = 1 where a blocked token sits under `order`, so Hᵀ·A·H sums attention per block pair."""
+    blocked = np.asarray(frame.blocked)
+    position = np.empty(len(blocked), np.int64)
+    position[np.searchsorted(blocked, frame.order(order))] = np.arange(len(blocked))
+    membership = np.zeros((len(blocked), math.ceil(len(blocked) / block)), np.float32)
+    membership[np.arange(len(blocked)), position // block] = 1.0
+    return membership
 
 
 def keep_mask(frame: Frame, tables: Tables) -> np.ndarray:
