@@ -34,15 +34,11 @@ def _feeds_softmax(value: ir.Value, depth: int = 4) -> bool:
     return False
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def _expand(graph: ir.Graph, node: ir.Node) -> int:
     """Replace one FusedMatMul by [Transpose] → MatMul → [Mul alpha]; 1 if done, 0 if left as it is."""
-    trans = [bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))]
-    if _attr(node, "transBatchA", 0) or _attr(node, "transBatchB", 0) or node.outputs[0].is_graph_output():
+    attrs = node.attributes
+    trans = [bool(attrs.get_int("transA", 0)), bool(attrs.get_int("transB", 0))]
+    if attrs.get_int("transBatchA", 0) or attrs.get_int("transBatchB", 0) or node.outputs[0].is_graph_output():
         return 0  # batch-axis transposes are rare: left for the detector to reject with its reason
     if any(t and x.shape is None for t, x in zip(trans, node.inputs[:2])):
         return 0  # a transpose of unknown rank cannot be written
@@ -55,7 +51,7 @@ def _expand(graph: ir.Graph, node: ir.Node) -> int:
             x = new_nodes[-1].outputs[0]
         operands.append(x)
     new_nodes.append(ir.node("MatMul", operands))
-    alpha = float(_attr(node, "alpha", 1.0))
+    alpha = attrs.get_float("alpha", 1.0)
     if alpha != 1.0:
         dtype = node.outputs[0].dtype.numpy() if node.outputs[0].dtype is not None else np.float32
         scale = ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(alpha, dtype=dtype))})
