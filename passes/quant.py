@@ -65,19 +65,14 @@ def format_label(fmt: Qz.Format | None) -> str:
 
 
 def fit_static_scales(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: Qz.QuantConfig) -> dict[str, np.ndarray]:
-    """Calibration max |x| per group (over every calibration sample) turned into scales.
+    """The dynamic scales of every calibration sample, maxed over the samples.
 
-    K is smoothed per sample first when the graph smooths it; values above the fitted range saturate."""
+    K (and V) are smoothed per sample first when the graph smooths them; values above the fitted
+    range saturate."""
     k = Qz.smooth(k) if cfg.smooth_k else k
-    if cfg.smooth_v:
-        v = Qz.smooth(v)
-    scales = {}
-    if cfg.qk is not None:
-        scales["q"] = Qz.scale_of(Qz.group_absmax(q, cfg.granularity).max(axis=0, keepdims=True), cfg.qk.q_levels)
-        scales["k"] = Qz.scale_of(Qz.group_absmax(k, cfg.granularity).max(axis=0, keepdims=True), cfg.qk.k_levels)
-    if cfg.pv is not None:
-        scales["v"] = Qz.scale_of(np.abs(v).max(axis=(0, 2), keepdims=True), cfg.pv.v_levels)
-    return scales
+    v = Qz.smooth(v) if cfg.smooth_v else v
+    per_sample = Qz.operand_scales(q, k, v, dataclasses.replace(cfg, static=None))
+    return {name: scale.max(axis=0, keepdims=True) for name, scale in per_sample.items()}
 
 
 @dataclasses.dataclass(frozen=True)
