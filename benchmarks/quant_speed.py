@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 from attnrewrite.passes.ops import const  # noqa: E402
 from attnrewrite.registry import parse_pass  # noqa: E402
-from attnrewrite.site import AttentionSite, SiteInfo  # noqa: E402
+from attnrewrite.synthetic import lone_site  # noqa: E402
 from attnrewrite.validate import bench as B  # noqa: E402
 
 PASSES = ["int8", "paro:density=0.25", "paro:density=0.25,bits=16", "paro:density=0.5", "paro:density=0.25,block=128"]
@@ -57,20 +57,14 @@ def flop_bound(spec: str, grid: int = 64, dim: int = 768, mlp_ratio: int = 4, *,
 
 def site_model(spec_text: str | None, heads: int, grid: int, d: int, acts: dict[str, np.ndarray]):
     """One site alone; `None` is the original as transformers' eager ViT exports it."""
-    tokens = 1 + grid * grid
-    f32 = ir.TensorType(ir.DataType.FLOAT)
-    q, k, v = (ir.Value(name=n, shape=ir.Shape([1, heads, tokens, d]), type=f32) for n in "qkv")
-    graph = ir.Graph([q, k, v], [], nodes=[], opset_imports={"": 17, "com.microsoft": 1})
+    graph, site = lone_site(1, heads, 1 + grid * grid, d, scale=d ** -0.5, grid=(grid, grid), prefix=1)
+    q, k, v = site.q, site.k, site.v
     t = ir_tape.Tape(graph)
     if spec_text is None:
         logits = t.op("MatMul", [q, t.op("Transpose", [k], attributes={"perm": [0, 1, 3, 2]})])
         probs = t.op("Softmax", [t.op("Div", [logits, const(t, d ** 0.5, np.float32)])], attributes={"axis": -1})
         out = t.op("MatMul", [probs, v])
     else:
-        info = SiteInfo(op="Softmax", num_heads=heads, head_dim=d, q_len=tokens, kv_len=tokens, scale=d ** -0.5,
-                        bias_kind="none", bias_per_key=True, kind="self", instances=1, window=None, grid=(grid, grid),
-                        prefix_tokens=1, suffix_tokens=0, rotary=False, output_layout="bhnd", vision=True)
-        site = AttentionSite(id="attn_0", info=info, anchor=None, q=q, k=k, v=v, output=None, bias=None, nodes=())
         spec = parse_pass(spec_text)
         plan = spec.applies(site)
         if plan.needs_fit:

@@ -94,3 +94,25 @@ def vit(depth=2, img=(16, 16), patch=4, dim=16, heads=2, prefix=1, classes=5, se
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     return model
+
+
+def lone_site(batch, heads: int, tokens: int, head_dim: int, *, scale: float, grid=None, prefix=None, suffix: int = 0,
+              bias_dims=None):
+    """An empty graph whose inputs are one site's Q, K, V `[B, h, N, d]` (and a key-padding bias when
+    `bias_dims` is given), with the `AttentionSite` that describes them: a pass plans, fits and
+    rewrites it exactly as it would inside a model. For emitter tests and per-site benchmarks."""
+    import onnx_ir as ir
+
+    from attnrewrite.site import AttentionSite, SiteInfo
+
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    q, k, v = (ir.Value(name=x, shape=ir.Shape([batch, heads, tokens, head_dim]), type=f32) for x in "qkv")
+    bias = ir.Value(name="bias", shape=ir.Shape(bias_dims), type=f32) if bias_dims is not None else None
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 17, "com.microsoft": 1}, name="site")
+    info = SiteInfo(op="Softmax", num_heads=heads, head_dim=head_dim, q_len=tokens, kv_len=tokens, scale=scale,
+                    bias_kind="input" if bias is not None else "none", bias_per_key=True, kind="self", instances=1,
+                    window=None, grid=grid, prefix_tokens=prefix, suffix_tokens=suffix, rotary=False,
+                    output_layout="bhnd", vision=grid is not None)
+    site = AttentionSite(id="attn_0", info=info, anchor=None, q=q, k=k, v=v, output=None, bias=bias, nodes=())
+    return graph, site

@@ -16,7 +16,8 @@ import pytest
 from attnrewrite.passes import paro as PR
 from attnrewrite.passes import quantize as Qz
 from attnrewrite.registry import parse_pass
-from attnrewrite.site import AttentionSite, SiteInfo
+from attnrewrite.site import AttentionSite
+from attnrewrite.synthetic import lone_site
 from tests.conftest import ort_run
 
 SCALE = 0.35
@@ -32,20 +33,8 @@ def _arrays(rng, b, h, n, d, dyadic=False):
 
 
 def _site(b, h, n, d, *, bias=False, grid=None, prefix=None, suffix=0, bias_dims=None):
-    f32 = ir.TensorType(ir.DataType.FLOAT)
-    q, k, v = (ir.Value(name=x, shape=ir.Shape([b, h, n, d]), type=f32) for x in "qkv")
-    inputs = [q, k, v]
-    bias_value = None
-    if bias:
-        bias_value = ir.Value(name="bias", shape=ir.Shape(bias_dims or [b, 1, 1, n]), type=f32)
-        inputs.append(bias_value)
-    graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 17, "com.microsoft": 1}, name="site")
-    info = SiteInfo(op="Softmax", num_heads=h, head_dim=d, q_len=n, kv_len=n, scale=SCALE,
-                    bias_kind="input" if bias else "none", bias_per_key=True, kind="self", instances=1, window=None,
-                    grid=grid, prefix_tokens=prefix, suffix_tokens=suffix, rotary=False, output_layout="bhnd",
-                    vision=grid is not None)
-    site = AttentionSite(id="attn_0", info=info, anchor=None, q=q, k=k, v=v, output=None, bias=bias_value, nodes=())
-    return graph, site
+    return lone_site(b, h, n, d, scale=SCALE, grid=grid, prefix=prefix, suffix=suffix,
+                     bias_dims=(bias_dims or [b, 1, 1, n]) if bias else None)
 
 
 def _rewrite(spec_text, arrays, *, bias=None, grid=None, prefix=None, suffix=0, calib=None, expose=(), bias_dims=None):
