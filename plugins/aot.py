@@ -1,0 +1,110 @@
+"""Ahead-of-time compilation of the kernels to PTX: the payload a TensorRT plugin ships.
+
+`triton.compile` needs no GPU: given the argument types, the compile-time constants (head dim, tile
+sizes, integer formats) and a `GPUTarget`, it emits PTX (and a cubin) for that architecture. These
+are exactly what TensorRT's `aot_impl` returns for a plugin (ALGORITHMS.md §8), and `kernels ptx`
+writes them with a JSON manifest (kernel symbol, launch warps, shared memory, argument order).
+
+Runs in a process where triton compiles (TRITON_INTERPRET unset): see `loader.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from attnrewrite.errors import InputError
+from attnrewrite.plugins.launch import head_block
+
+ARCHES = {"sm_80": 80, "sm_90": 90}
+DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+#: pointer arguments that are not the attention tensors
+_INDEX_POINTERS = {"order_ptr": "*i32", "blocks_ptr": "*i32", "global_ptr": "*i32", "k_mean_ptr": "*fp32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled specialisation: a kernel, an I/O dtype and its compile-time constants."""
+
+    kernel: str
+    dtype: str
+    constants: tuple[tuple[str, int | bool], ...]
+    num_warps: int = 4
+
+    @property
+    def name(self) -> str:
+        consts = "_".join(f"{k.lower()}{int(v)}" for k, v in self.constants if k not in ("BLOCK_D",))
+        return f"{self.kernel}_{self.dtype}_{consts}"
+
+
+def variants(head_dim: int = 64, dtypes=tuple(DTYPES)) -> list[Variant]:
+    """The payload set: each family's default tiles, plus the integer block-sparse formats."""
+    bd = head_block(head_dim)
+    out = []
+    for dtype in dtypes:
+        common = (("D", head_dim),)
+        out.append(Variant("window_attention", dtype, common + (("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_D", bd))))
+        for ty, tx in ((8, 8), (1, 64)):  # 2-D grids, 1-D sequences
+            out.append(Variant("neighborhood_attention", dtype,
+                               common + (("TY", ty), ("TX", tx), ("BLOCK_N", 64), ("BLOCK_D", bd))))
+        for levels, pv_int8, smooth in ((127, True, True), (127, False, False), (7, False, True), (0, False, False)):
+            out.append(Variant("block_sparse_attention", dtype,
+                               common + (("BLOCK", 64), ("BLOCK_D", bd), ("QK_LEVELS", levels), ("PV_INT8", pv_int8),
+                                         ("HAS_K_MEAN", smooth))))
+    return out
+
+
+def signature(fn, dtype: str, constants: dict) -> dict[str, str]:
+    """Triton's argument types: attention tensors in `dtype`, tables int32, sizes i32, the scale fp32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name in _INDEX_POINTERS:
+            sig[name] = _INDEX_POINTERS[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + DTYPES[dtype]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_variant(variant: Variant, arch: str) -> dict:
+    """PTX for one variant and architecture, plus what a launcher needs to know about it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from attnrewrite.plugins.loader import interpreting, kernels
+
+    if arch not in ARCHES:
+        raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHES)}.")
+    if interpreting():
+        raise InputError("ahead-of-time compilation needs compiled triton; unset TRITON_INTERPRET.")
+    fn = getattr(kernels(), variant.kernel)
+    constants = dict(variant.constants)
+    source = ASTSource(fn, signature(fn, variant.dtype, constants), constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHES[arch], 32),
+                              options={"num_warps": variant.num_warps, "num_stages": 2})
+    meta = compiled.metadata
+    return {"ptx": compiled.asm["ptx"], "symbol": meta.name, "num_warps": meta.num_warps,
+            "shared_bytes": meta.shared, "arguments": [a for a in fn.arg_names if a not in constants]}
+
+
+def write_payloads(arch: str, out_dir: Path, head_dim: int = 64, progress=None) -> list[dict]:
+    """Every variant's PTX as `<variant>.<arch>.ptx` plus `manifest.<arch>.json` describing them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for variant in variants(head_dim):
+        payload = compile_variant(variant, arch)
+        path = out_dir / f"{variant.name}.{arch}.ptx"
+        path.write_text(payload.pop("ptx"))
+        manifest.append({"variant": variant.name, "kernel": variant.kernel, "dtype": variant.dtype, "arch": arch,
+                         "constants": dict(variant.constants), "file": path.name, **payload})
+        if progress:
+            progress()
+    (out_dir / f"manifest.{arch}.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,291 @@
+"""Fused attention kernels (Triton), one per variant family, all with online softmax.
+
+Tensors are the AttentionSite layout `[B, h, P + N, d]` (P prefix tokens first, then the N = H·W
+grid tokens row-major), contiguous in the last axis; every kernel writes the same layout. Logits use
+exp2 with `log2(e)·scale` folded into one multiplier. Accumulation is float32 whatever the I/O dtype.
+
+The semantics are those of the ONNX passes, defined in `passes/spatial/reference.py` and
+`passes/paro.py` / `passes/quantize.py`, and `attnrewrite.plugins.check` tests every kernel against
+those references:
+
+* prefix tokens are global: prefix queries attend to every key (extra programs after the tiles run
+  them as dense rows), every grid query attends to all prefix keys plus its local set, one softmax;
+* `window_attention`: Swin W-MSA/SW-MSA in the cut-point form (shift s: segments [0, s), [s, s+w), …),
+  the last partial window masked;
+* `neighborhood_attention`: NATTEN clamp semantics with dilation (each dilation group is tiled
+  separately; a tile gathers the union of its queries' windows and masks each query's exact set);
+  1-D is a 1×L grid;
+* `block_sparse_attention`: PARO tables (per-head token order + a fixed number of kept key blocks per
+  query block) with global tokens, Q·Kᵀ on int8 (per-token scales, as `granularity=token`; ±7 for
+  the INT4 range) and P·V on int8 (P̃ = exp(s − running max) at 1/127, V per channel per key block),
+  optional K smoothing by a given token mean.
+
+This file is imported by `attnrewrite.plugins.loader`, never directly: Triton decides at decoration
+time whether a kernel is compiled or interpreted, so the loader executes this source once per mode.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rows(base, tokens, valid, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows `tokens` of a `[tokens, D]` matrix at `base`, zero where not valid (and beyond D)."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = base + tokens[:, None].to(tl.int64) * stride_n + d[None, :]
+    return tl.load(ptrs, mask=valid[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _online_update(acc, m_i, l_i, s, v):
+    """One flash-attention step: `s` [M, N] base-2 logits (-inf where masked), `v` [N, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _logits(q, k, qk_scale):
+    return tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+
+
+@triton.jit
+def _store_rows(base, tokens, valid, acc, l_i, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    d = tl.arange(0, BLOCK_D)
+    ptrs = base + tokens[:, None].to(tl.int64) * stride_n + d[None, :]
+    tl.store(ptrs, out.to(base.dtype.element_ty), mask=valid[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def _attend_range(q, acc, m_i, l_i, k_base, v_base, key0, n_keys, stride_n, qk_scale,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Every query attends to the contiguous keys [key0, key0 + n_keys) (prefix keys, dense rows)."""
+    for start in range(0, n_keys, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        ok = j < n_keys
+        k = _load_rows(k_base, key0 + j, ok, stride_n, D, BLOCK_D)
+        v = _load_rows(v_base, key0 + j, ok, stride_n, D, BLOCK_D)
+        s = tl.where(ok[None, :], _logits(q, k, qk_scale), float("-inf"))
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dense_rows(q_base, k_base, v_base, o_base, row0, n_rows, n_keys, stride_n, qk_scale,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row0, row0 + BLOCK_M) ∩ [0, n_rows) attend to all keys: the global (prefix) queries."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    ok = rows < n_rows
+    q = _load_rows(q_base, rows, ok, stride_n, D, BLOCK_D)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, n_keys, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+    _store_rows(o_base, rows, ok, acc, l_i, stride_n, D, BLOCK_D)
+
+
+@triton.jit
+def window_attention(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, WY, WX, SY, SX,
+                     n_windows_x, n_tiles, chunks, qk_scale,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (tile, b·h): a tile is BLOCK_M queries of one window (window = segment_y × segment_x);
+    programs past `n_tiles` are the prefix queries' dense rows."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    off = (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    q_base, k_base, v_base, o_base = q_ptr + off, k_ptr + off, v_ptr + off, o_ptr + off
+    if pid >= n_tiles:
+        _dense_rows(q_base, k_base, v_base, o_base, (pid - n_tiles) * BLOCK_M, P, P + GH * GW, stride_n, qk_scale,
+                    D, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        win, chunk = pid // chunks, pid % chunks
+        wy, wx = win // n_windows_x, win % n_windows_x
+        # cut points s, s+w, …: with a shift, segment 0 is the partial [0, s)
+        y0 = tl.where(SY > 0, tl.maximum(SY + (wy - 1) * WY, 0), wy * WY)
+        y1 = tl.minimum(tl.where(SY > 0, SY + wy * WY, (wy + 1) * WY), GH)
+        x0 = tl.where(SX > 0, tl.maximum(SX + (wx - 1) * WX, 0), wx * WX)
+        x1 = tl.minimum(tl.where(SX > 0, SX + wx * WX, (wx + 1) * WX), GW)
+        width = x1 - x0
+        area = (y1 - y0) * width
+        m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_ok = m < area
+        q_tok = P + (y0 + m // width) * GW + x0 + m % width
+        q = _load_rows(q_base, q_tok, q_ok, stride_n, D, BLOCK_D)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, P, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+        for start in range(0, area, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            ok = j < area
+            k_tok = P + (y0 + j // width) * GW + x0 + j % width
+            k = _load_rows(k_base, k_tok, ok, stride_n, D, BLOCK_D)
+            v = _load_rows(v_base, k_tok, ok, stride_n, D, BLOCK_D)
+            s = tl.where(ok[None, :], _logits(q, k, qk_scale), float("-inf"))
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v)
+        _store_rows(o_base, q_tok, q_ok, acc, l_i, stride_n, D, BLOCK_D)
+
+
+@triton.jit
+def _clamped_start(local, group_len, KERNEL):
+    """NATTEN (stride 1): the first key of a query's window, clamped so it holds `KERNEL` keys."""
+    return tl.minimum(tl.maximum(local - KERNEL // 2, 0), group_len - KERNEL)
+
+
+@triton.jit
+def neighborhood_attention(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, KY, KX, DY, DX,
+                           tiles_y, tiles_x, n_tiles, qk_scale,
+                           D: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """Program (tile, b·h): a TY×TX tile of one dilation group's local coordinates; it visits the
+    union of its queries' windows (≤ (TY+KY−1)·(TX+KX−1) keys) and masks each query's own window."""
+    BLOCK_M: tl.constexpr = TY * TX
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    off = (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    q_base, k_base, v_base, o_base = q_ptr + off, k_ptr + off, v_ptr + off, o_ptr + off
+    if pid >= n_tiles:
+        _dense_rows(q_base, k_base, v_base, o_base, (pid - n_tiles) * BLOCK_M, P, P + GH * GW, stride_n, qk_scale,
+                    D, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        row, col = pid // (DX * tiles_x), pid % (DX * tiles_x)
+        gy, ty = row // tiles_y, row % tiles_y
+        gx, tx = col // tiles_x, col % tiles_x
+        len_y = (GH - gy + DY - 1) // DY
+        len_x = (GW - gx + DX - 1) // DX
+        m = tl.arange(0, BLOCK_M)
+        qy, qx = ty * TY + m // TX, tx * TX + m % TX
+        q_ok = (qy < len_y) & (qx < len_x)
+        q_tok = P + (gy + DY * qy) * GW + gx + DX * qx
+        start_y, start_x = _clamped_start(qy, len_y, KY), _clamped_start(qx, len_x, KX)
+        # the tile's key region: from the first query's window start to the last valid query's end
+        ry0 = _clamped_start(ty * TY, len_y, KY)
+        ry1 = _clamped_start(tl.minimum(ty * TY + TY, len_y) - 1, len_y, KY) + KY
+        rx0 = _clamped_start(tx * TX, len_x, KX)
+        rx1 = _clamped_start(tl.minimum(tx * TX + TX, len_x) - 1, len_x, KX) + KX
+        width = rx1 - rx0
+        area = (ry1 - ry0) * width
+        q = _load_rows(q_base, q_tok, q_ok, stride_n, D, BLOCK_D)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, P, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+        for start in range(0, area, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            ok = j < area
+            ky, kx = ry0 + j // width, rx0 + j % width
+            k_tok = P + (gy + DY * ky) * GW + gx + DX * kx
+            k = _load_rows(k_base, k_tok, ok, stride_n, D, BLOCK_D)
+            v = _load_rows(v_base, k_tok, ok, stride_n, D, BLOCK_D)
+            inside = ((ky[None, :] >= start_y[:, None]) & (ky[None, :] < start_y[:, None] + KY)
+                      & (kx[None, :] >= start_x[:, None]) & (kx[None, :] < start_x[:, None] + KX))
+            s = tl.where(inside & ok[None, :], _logits(q, k, qk_scale), float("-inf"))
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v)
+        _store_rows(o_base, q_tok, q_ok, acc, l_i, stride_n, D, BLOCK_D)
+
+
+@triton.jit
+def _round(x):
+    """Round half to even, like numpy's `rint` and ONNX QuantizeLinear (exact ties do occur)."""
+    r = tl.floor(x + 0.5)
+    odd = r - 2.0 * tl.floor(r * 0.5)
+    return tl.where(((r - x) == 0.5) & (odd != 0.0), r - 1.0, r)
+
+
+@triton.jit
+def _quantize_rows(x, levels):
+    """Per-row symmetric quantisation of a float block: (int8 values, float32 scale per row)."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1) / levels, 1e-30)
+    return _round(x / scale[:, None]).to(tl.int8), scale
+
+
+@triton.jit
+def _block_step(q, q_int, q_scale, acc, m_i, l_i, k_base, v_base, tokens, ok, stride_n, qk_scale, k_mean,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr, PV_INT8: tl.constexpr,
+                HAS_K_MEAN: tl.constexpr):
+    """Attend to one block of key rows `tokens`, on integers where configured."""
+    k = _load_rows(k_base, tokens, ok, stride_n, D, BLOCK_D)
+    v = _load_rows(v_base, tokens, ok, stride_n, D, BLOCK_D)
+    if HAS_K_MEAN:  # smoothed in float32: rounding it back to the I/O dtype would move integer levels
+        k = tl.where(ok[:, None], k.to(tl.float32) - k_mean[None, :], 0.0)
+    if QK_LEVELS > 0:
+        k_int, k_scale = _quantize_rows(k, QK_LEVELS)
+        s = tl.dot(q_int, tl.trans(k_int), out_dtype=tl.int32).to(tl.float32)
+        s = s * (q_scale[:, None] * qk_scale) * k_scale[None, :]
+    else:
+        s = _logits(q, k.to(q.dtype), qk_scale)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    if PV_INT8:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v32 = v.to(tl.float32)
+        v_scale = tl.maximum(tl.max(tl.abs(v32), 0) / 127.0, 1e-30)
+        v_int = _round(v32 / v_scale[None, :]).to(tl.int8)
+        p_int = _round(p * 127.0).to(tl.int8)
+        pv = tl.dot(p_int, v_int, out_dtype=tl.int32).to(tl.float32)
+        acc = acc * alpha[:, None] + pv * (v_scale[None, :] / 127.0)
+        m_i = m_new
+    else:
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def block_sparse_attention(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, blocks_ptr, global_ptr, k_mean_ptr,
+                           stride_b, stride_h, stride_n, heads, n_tokens, n_global, n_blocks, kept, qk_scale,
+                           D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr,
+                           PV_INT8: tl.constexpr, HAS_K_MEAN: tl.constexpr):
+    """Program (query block, b·h) of one head's order: its queries attend to the global tokens and to
+    the `kept` key blocks of `blocks[h, qb]` (positions in the same order). `order[h]` maps positions
+    of the blocked sequence to tokens, -1 in the padding of the last block. Programs past `n_blocks`
+    are the global queries' dense rows (float, like the prefix rows of the spatial kernels)."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    h = bh % heads
+    off = (bh // heads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    q_base, k_base, v_base, o_base = q_ptr + off, k_ptr + off, v_ptr + off, o_ptr + off
+    r = tl.arange(0, BLOCK)
+    if pid >= n_blocks:
+        g = (pid - n_blocks) * BLOCK + r
+        g_ok = g < n_global
+        tok = tl.load(global_ptr + g, mask=g_ok, other=0)
+        q = _load_rows(q_base, tok, g_ok, stride_n, D, BLOCK_D)
+        acc = tl.full([BLOCK, BLOCK_D], 0.0, tl.float32)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK], 0.0, tl.float32)
+        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, n_tokens, stride_n, qk_scale, D, BLOCK, BLOCK_D)
+        _store_rows(o_base, tok, g_ok, acc, l_i, stride_n, D, BLOCK_D)
+    else:
+        row = h.to(tl.int64) * n_blocks * BLOCK
+        q_tok = tl.load(order_ptr + row + pid * BLOCK + r)
+        q_ok = q_tok >= 0
+        q = _load_rows(q_base, q_tok, q_ok, stride_n, D, BLOCK_D)
+        k_mean = tl.full([BLOCK_D], 0.0, tl.float32)
+        if HAS_K_MEAN:
+            d = tl.arange(0, BLOCK_D)
+            k_mean = tl.load(k_mean_ptr + bh.to(tl.int64) * D + d, mask=d < D, other=0.0).to(tl.float32)
+        q_int, q_scale = _quantize_rows(q, QK_LEVELS if QK_LEVELS > 0 else 127)
+        acc = tl.full([BLOCK, BLOCK_D], 0.0, tl.float32)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK], 0.0, tl.float32)
+        for start in range(0, n_global, BLOCK):
+            g = start + r
+            g_ok = g < n_global
+            tok = tl.load(global_ptr + g, mask=g_ok, other=0)
+            acc, m_i, l_i = _block_step(q, q_int, q_scale, acc, m_i, l_i, k_base, v_base, tok, g_ok, stride_n,
+                                        qk_scale, k_mean, D, BLOCK_D, QK_LEVELS, PV_INT8, HAS_K_MEAN)
+        table = blocks_ptr + (h.to(tl.int64) * n_blocks + pid) * kept
+        for i in range(0, kept):
+            kb = tl.load(table + i)
+            tok = tl.load(order_ptr + row + kb * BLOCK + r)
+            acc, m_i, l_i = _block_step(q, q_int, q_scale, acc, m_i, l_i, k_base, v_base, tok, tok >= 0, stride_n,
+                                        qk_scale, k_mean, D, BLOCK_D, QK_LEVELS, PV_INT8, HAS_K_MEAN)
+        _store_rows(o_base, q_tok, q_ok, acc, l_i, stride_n, D, BLOCK_D)

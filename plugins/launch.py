@@ -1,0 +1,141 @@
+"""Torch entry points of the fused kernels: shapes in, launch grid and tile sizes decided here.
+
+Each function takes Q/K/V as `[B, h, P + N, d]` tensors (CPU tensors run under Triton's interpreter,
+CUDA tensors compiled) and returns the output in the same layout and dtype. Arguments are the pass
+parameters, with the meaning of the ONNX passes (see `kernels.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from attnrewrite.plugins.loader import interpreting, kernels
+
+LOG2E = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def head_block(head_dim: int) -> int:
+    """The padded head dimension: a power of two, at least 32 (int8 `tl.dot` needs k ≥ 32 on sm_80+)."""
+    return max(32, 1 << (head_dim - 1).bit_length())
+
+
+def _prepare(q, k, v):
+    if not (q.shape == k.shape == v.shape) or q.dim() != 4:
+        raise ValueError(f"q, k, v must share one [B, h, N, d] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return q, k, v, q.new_empty(q.shape)
+
+
+def _kernels(q):
+    """The kernel module for tensors on `q`'s device: CPU tensors need the interpreter, CUDA ones not."""
+    if (q.device.type == "cuda") == interpreting():
+        mode = "interpreted (TRITON_INTERPRET=1)" if interpreting() else "compiled"
+        raise ValueError(f"triton kernels are {mode} in this process and cannot run on {q.device.type} tensors")
+    return kernels()
+
+
+def segments(length: int, size: int, shift: int) -> int:
+    """Windows along one axis in the cut-point form (a shift adds the partial first segment)."""
+    s = shift % size
+    return _cdiv(length, size) if s == 0 else 1 + _cdiv(length - s, size)
+
+
+def window_attention(q, k, v, *, grid: tuple[int, int], prefix: int, size: tuple[int, int], shift=(0, 0),
+                     scale: float, block_m: int = 64, block_n: int = 64):
+    q, k, v, o = _prepare(q, k, v)
+    (gh, gw), (wy, wx) = grid, (min(size[0], grid[0]), min(size[1], grid[1]))
+    sy, sx = shift[0] % wy, shift[1] % wx
+    nwy, nwx = segments(gh, wy, sy), segments(gw, wx, sx)
+    chunks = _cdiv(wy * wx, block_m)
+    n_tiles = nwy * nwx * chunks
+    batch, heads, _, d = q.shape
+    launch = (n_tiles + _cdiv(prefix, block_m), batch * heads)
+    _kernels(q).window_attention[launch](
+        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), heads, prefix, gh, gw, wy, wx, sy, sx, nwx, n_tiles, chunks,
+        scale * LOG2E, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(d))
+    return o
+
+
+def neighborhood_tile(grid: tuple[int, int]) -> tuple[int, int]:
+    """Query tile: 8×8 on a 2-D grid, a run of 64 on a 1-D sequence (a 1×L grid)."""
+    return (1, 64) if grid[0] == 1 else (8, 8)
+
+
+def neighborhood_attention(q, k, v, *, grid: tuple[int, int], prefix: int, kernel: tuple[int, int],
+                           dilation=(1, 1), scale: float, tile: tuple[int, int] | None = None, block_n: int = 64):
+    q, k, v, o = _prepare(q, k, v)
+    (gh, gw), (ky, kx), (dy, dx) = grid, kernel, dilation
+    if ky * dy > gh or kx * dx > gw:
+        raise ValueError(f"kernel {kernel} x dilation {dilation} does not fit the grid {grid}")
+    ty, tx = tile or neighborhood_tile(grid)
+    tiles_y, tiles_x = _cdiv(_cdiv(gh, dy), ty), _cdiv(_cdiv(gw, dx), tx)
+    n_tiles = dy * tiles_y * dx * tiles_x
+    batch, heads, _, d = q.shape
+    launch = (n_tiles + _cdiv(prefix, ty * tx), batch * heads)
+    _kernels(q).neighborhood_attention[launch](
+        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), heads, prefix, gh, gw, ky, kx, dy, dx, tiles_y, tiles_x,
+        n_tiles, scale * LOG2E, D=d, TY=ty, TX=tx, BLOCK_N=block_n, BLOCK_D=head_block(d))
+    return o
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTables:
+    """PARO's tables as the block-sparse kernel reads them (int32, `-1` = padding slot)."""
+
+    order: np.ndarray  # [h, nb·block]: position of the blocked sequence → token
+    blocks: np.ndarray  # [h, nb, kept]: kept key blocks per query block
+    global_idx: np.ndarray  # [G]: tokens every query attends to, and that attend to every key
+    block: int
+
+    @classmethod
+    def from_paro(cls, frame, tables) -> "BlockTables":
+        heads, nb, _ = tables.blocks.shape
+        order = np.full((heads, nb * tables.block), -1, np.int32)
+        for h in range(heads):
+            tokens = frame.order(tables.orders[h])
+            order[h, :len(tokens)] = tokens
+        return cls(order, tables.blocks.astype(np.int32), np.asarray(frame.global_idx, np.int32), tables.block)
+
+
+def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bits: int = 8, pv_bits: int = 8,
+                           smooth_k: bool = False):
+    """`qk_bits` 8 (±127), 4 (±7 held in int8: the INT4 range, int8 speed) or 16 (float); `pv_bits` 8 or 16."""
+    import torch
+
+    if qk_bits not in (4, 8, 16) or pv_bits not in (8, 16):
+        raise ValueError(f"{qk_bits=} must be 4, 8 or 16 and {pv_bits=} 8 or 16")
+    if tables.block & (tables.block - 1) or tables.block < 16:
+        raise ValueError(f"block {tables.block} must be a power of two >= 16 for the kernel")
+    q, k, v, o = _prepare(q, k, v)
+    batch, heads, n, d = q.shape
+    dev = q.device
+    order, blocks, glob = (torch.as_tensor(np.ascontiguousarray(a), device=dev) for a in
+                           (tables.order, tables.blocks, tables.global_idx if len(tables.global_idx) else np.zeros(1, np.int32)))
+    k_mean = k.float().mean(dim=2).contiguous() if smooth_k else q.new_zeros(1, dtype=torch.float32)
+    nb, kept = tables.blocks.shape[1], tables.blocks.shape[2]
+    n_global = len(tables.global_idx)
+    launch = (nb + _cdiv(n_global, tables.block), batch * heads)
+    _kernels(q).block_sparse_attention[launch](
+        q, k, v, o, order, blocks, glob, k_mean, q.stride(0), q.stride(1), q.stride(2), heads, n, n_global, nb, kept,
+        scale * LOG2E, D=d, BLOCK=tables.block, BLOCK_D=head_block(d),
+        QK_LEVELS={8: 127, 4: 7, 16: 0}[qk_bits], PV_INT8=pv_bits == 8, HAS_K_MEAN=smooth_k)
+    return o
+
+
+def dense_attention(q, k, v, *, scale: float):
+    """The plain softmax attention every kernel reduces to at its exactness anchor (torch, float32)."""
+    import torch
+
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(logits, dim=-1), v.float()).to(q.dtype)
+
+
+def tokens(grid: tuple[int, int], prefix: int) -> int:
+    return prefix + math.prod(grid)
