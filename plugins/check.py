@@ -123,7 +123,7 @@ def cases() -> list[Case]:
         _block_sparse("float, 4 of 16 blocks", (16, 16), 1, block=16, kept=4, qk_bits=16, pv_bits=16),
         _block_sparse("int8 QK, float PV", (16, 16), 1, block=16, kept=4, qk_bits=8, pv_bits=16),
         _block_sparse("int4-range QK, smooth K", (16, 16), 1, block=16, kept=4, qk_bits=4, pv_bits=16, smooth_k=True),
-        _block_sparse("int8 QK + int8 PV, smooth K", (16, 16), 1, block=16, kept=4, qk_bits=8, pv_bits=8, smooth_k=True),
+        _block_sparse("int8 QK + int8 PV, smooth K", (16, 16), 1, block=32, kept=2, qk_bits=8, pv_bits=8, smooth_k=True),
         _block_sparse("anchor: density 1, float", (12, 12), 2, block=16, kept=9, qk_bits=16, pv_bits=16),
     ]
 

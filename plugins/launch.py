@@ -113,6 +113,8 @@ def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bit
         raise ValueError(f"{qk_bits=} must be 4, 8 or 16 and {pv_bits=} 8 or 16")
     if tables.block & (tables.block - 1) or tables.block < 16:
         raise ValueError(f"block {tables.block} must be a power of two >= 16 for the kernel")
+    if pv_bits == 8 and tables.block < 32:
+        raise ValueError(f"int8 P·V needs block >= 32 (an int8 dot reduces over >= 32 keys), got {tables.block}")
     q, k, v, o = _prepare(q, k, v)
     batch, heads, n, d = q.shape
     dev = q.device

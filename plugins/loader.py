@@ -30,9 +30,12 @@ def require_triton() -> None:
 def interpreting() -> bool:
     """Whether this process runs Triton kernels in the interpreter (decided at triton's import)."""
     if "triton" in sys.modules:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
+        try:
+            from triton import knobs
+        except ImportError:  # triton < 3.4 reads the variable directly
+            pass
+        else:
+            return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
