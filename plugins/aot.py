@@ -19,8 +19,9 @@ from attnrewrite.plugins.launch import head_block
 
 ARCHES = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-#: pointer arguments that are not the attention tensors
-_INDEX_POINTERS = {"order_ptr": "*i32", "blocks_ptr": "*i32", "global_ptr": "*i32", "k_mean_ptr": "*fp32"}
+#: pointer arguments whose type does not follow the I/O dtype
+_FIXED_POINTERS = {"order_ptr": "*i32", "blocks_ptr": "*i32", "global_ptr": "*i32", "k_mean_ptr": "*fp32",
+                   "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,22 +50,29 @@ def variants(head_dim: int = 64, dtypes=tuple(DTYPES)) -> list[Variant]:
             out.append(Variant("neighborhood_attention", dtype,
                                common + (("TY", ty), ("TX", tx), ("BLOCK_N", 64), ("BLOCK_D", bd))))
         for levels, pv_int8, smooth in ((127, True, True), (127, False, False), (7, False, True), (0, False, False)):
-            out.append(Variant("block_sparse_attention", dtype,
-                               common + (("BLOCK", 64), ("BLOCK_D", bd), ("QK_LEVELS", levels), ("PV_INT8", pv_int8),
-                                         ("HAS_K_MEAN", smooth))))
+            formats = (("QK_LEVELS", levels), ("PV_INT8", pv_int8))
+            out.append(Variant("block_sparse_prepare", dtype, common + (("BLOCK", 64), ("BLOCK_D", bd)) + formats
+                               + (("HAS_K_MEAN", smooth),)))
+            attention = Variant("block_sparse_attention", dtype, common + (("BLOCK", 64), ("BLOCK_D", bd)) + formats)
+            if attention not in out:  # smoothing changes only the prepare kernel
+                out.append(attention)
     return out
 
 
 def signature(fn, dtype: str, constants: dict) -> dict[str, str]:
-    """Triton's argument types: attention tensors in `dtype`, tables int32, sizes i32, the scale fp32."""
+    """Triton's argument types: attention tensors in `dtype`, the prepared layout int8 where quantised,
+    tables int32, scales float32, sizes i32."""
+    io = "*" + DTYPES[dtype]
+    prepared = {"qp_ptr": "*i8" if constants.get("QK_LEVELS") else io, "kp_ptr": "*i8" if constants.get("QK_LEVELS") else io,
+                "vp_ptr": "*i8" if constants.get("PV_INT8") else io}
     sig = {}
     for name in fn.arg_names:
         if name in constants:
             sig[name] = "constexpr"
-        elif name in _INDEX_POINTERS:
-            sig[name] = _INDEX_POINTERS[name]
+        elif name in _FIXED_POINTERS or name in prepared:
+            sig[name] = _FIXED_POINTERS.get(name) or prepared[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*" + DTYPES[dtype]
+            sig[name] = io
         elif name == "qk_scale":
             sig[name] = "fp32"
         else:
@@ -94,11 +102,11 @@ def compile_variant(variant: Variant, arch: str) -> dict:
             "shared_bytes": meta.shared, "arguments": [a for a in fn.arg_names if a not in constants]}
 
 
-def write_payloads(arch: str, out_dir: Path, head_dim: int = 64, progress=None) -> list[dict]:
-    """Every variant's PTX as `<variant>.<arch>.ptx` plus `manifest.<arch>.json` describing them."""
+def write_payloads(arch: str, out_dir: Path, selected: list[Variant], progress=None) -> list[dict]:
+    """Each variant's PTX as `<variant>.<arch>.ptx` plus `manifest.<arch>.json` describing them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for variant in variants(head_dim):
+    for variant in selected:
         payload = compile_variant(variant, arch)
         path = out_dir / f"{variant.name}.{arch}.ptx"
         path.write_text(payload.pop("ptx"))

@@ -198,94 +198,115 @@ def _round(x):
 
 
 @triton.jit
-def _quantize_rows(x, levels):
-    """Per-row symmetric quantisation of a float block: (int8 values, float32 scale per row)."""
-    x = x.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 1) / levels, 1e-30)
-    return _round(x / scale[:, None]).to(tl.int8), scale
+def _quantize(x, scale):
+    """x / scale (IEEE division: the approximate `/` moves values across rounding ties), rounded, int8."""
+    return _round(tl.div_rn(x, scale)).to(tl.int8)
 
 
 @triton.jit
-def _block_step(q, q_int, q_scale, acc, m_i, l_i, k_base, v_base, tokens, ok, stride_n, qk_scale, k_mean,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr, PV_INT8: tl.constexpr,
-                HAS_K_MEAN: tl.constexpr):
-    """Attend to one block of key rows `tokens`, on integers where configured."""
-    k = _load_rows(k_base, tokens, ok, stride_n, D, BLOCK_D)
-    v = _load_rows(v_base, tokens, ok, stride_n, D, BLOCK_D)
-    if HAS_K_MEAN:  # smoothed in float32: rounding it back to the I/O dtype would move integer levels
-        k = tl.where(ok[:, None], k.to(tl.float32) - k_mean[None, :], 0.0)
-    if QK_LEVELS > 0:
-        k_int, k_scale = _quantize_rows(k, QK_LEVELS)
-        s = tl.dot(q_int, tl.trans(k_int), out_dtype=tl.int32).to(tl.float32)
-        s = s * (q_scale[:, None] * qk_scale) * k_scale[None, :]
-    else:
-        s = _logits(q, k.to(q.dtype), qk_scale)
-    s = tl.where(ok[None, :], s, float("-inf"))
-    if PV_INT8:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v32 = v.to(tl.float32)
-        v_scale = tl.maximum(tl.max(tl.abs(v32), 0) / 127.0, 1e-30)
-        v_int = _round(v32 / v_scale[None, :]).to(tl.int8)
-        p_int = _round(p * 127.0).to(tl.int8)
-        pv = tl.dot(p_int, v_int, out_dtype=tl.int32).to(tl.float32)
-        acc = acc * alpha[:, None] + pv * (v_scale[None, :] / 127.0)
-        m_i = m_new
-    else:
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def block_sparse_attention(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, blocks_ptr, global_ptr, k_mean_ptr,
-                           stride_b, stride_h, stride_n, heads, n_tokens, n_global, n_blocks, kept, qk_scale,
-                           D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr,
-                           PV_INT8: tl.constexpr, HAS_K_MEAN: tl.constexpr):
-    """Program (query block, b·h) of one head's order: its queries attend to the global tokens and to
-    the `kept` key blocks of `blocks[h, qb]` (positions in the same order). `order[h]` maps positions
-    of the blocked sequence to tokens, -1 in the padding of the last block. Programs past `n_blocks`
-    are the global queries' dense rows (float, like the prefix rows of the spatial kernels)."""
+def block_sparse_prepare(q_ptr, k_ptr, v_ptr, order_ptr, k_mean_ptr, qp_ptr, kp_ptr, vp_ptr, q_scale_ptr, k_scale_ptr,
+                         v_scale_ptr, stride_b, stride_h, stride_n, heads, n_positions,
+                         D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr,
+                         PV_INT8: tl.constexpr, HAS_K_MEAN: tl.constexpr):
+    """Program (position block, b·h): Q/K/V rows of one block of the head's order, laid out contiguously
+    (`[b·h, positions, BLOCK_D]`), quantised once: Q and K per token at ±QK_LEVELS (K smoothed by the
+    given token mean), V per channel over the block at ±127. Float modes copy the rows in order."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     h = bh % heads
     off = (bh // heads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    q_base, k_base, v_base, o_base = q_ptr + off, k_ptr + off, v_ptr + off, o_ptr + off
+    r = pid * BLOCK + tl.arange(0, BLOCK)
+    tok = tl.load(order_ptr + h.to(tl.int64) * n_positions + r)
+    ok = tok >= 0
+    d = tl.arange(0, BLOCK_D)
+    dst = bh.to(tl.int64) * n_positions * BLOCK_D + r[:, None].to(tl.int64) * BLOCK_D + d[None, :]
+    q = _load_rows(q_ptr + off, tok, ok, stride_n, D, BLOCK_D).to(tl.float32)
+    k = _load_rows(k_ptr + off, tok, ok, stride_n, D, BLOCK_D).to(tl.float32)
+    v = _load_rows(v_ptr + off, tok, ok, stride_n, D, BLOCK_D)
+    if HAS_K_MEAN:
+        k_mean = tl.load(k_mean_ptr + bh.to(tl.int64) * D + d, mask=d < D, other=0.0)
+        k = tl.where(ok[:, None] & (d[None, :] < D), k - k_mean[None, :], 0.0)
+    if QK_LEVELS > 0:
+        qs = tl.maximum(tl.max(tl.abs(q), 1) / QK_LEVELS, 1e-30)
+        ks = tl.maximum(tl.max(tl.abs(k), 1) / QK_LEVELS, 1e-30)
+        tl.store(qp_ptr + dst, _quantize(q, qs[:, None]))
+        tl.store(kp_ptr + dst, _quantize(k, ks[:, None]))
+        tl.store(q_scale_ptr + bh.to(tl.int64) * n_positions + r, qs)
+        tl.store(k_scale_ptr + bh.to(tl.int64) * n_positions + r, ks)
+    else:
+        tl.store(qp_ptr + dst, q.to(qp_ptr.dtype.element_ty))
+        tl.store(kp_ptr + dst, k.to(kp_ptr.dtype.element_ty))
+    if PV_INT8:
+        v32 = v.to(tl.float32)
+        vs = tl.maximum(tl.max(tl.abs(v32), 0) / 127.0, 1e-30)
+        tl.store(vp_ptr + dst, _quantize(v32, vs[None, :]))
+        tl.store(v_scale_ptr + (bh.to(tl.int64) * (n_positions // BLOCK) + pid) * BLOCK_D + d, vs)
+    else:
+        tl.store(vp_ptr + dst, v)
+
+
+@triton.jit
+def block_sparse_attention(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, blocks_ptr, global_ptr, qp_ptr, kp_ptr, vp_ptr,
+                           q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                           stride_b, stride_h, stride_n, heads, n_tokens, n_global, n_blocks, n_global_blocks, kept,
+                           qk_scale,
+                           D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr,
+                           PV_INT8: tl.constexpr):
+    """Program (query block, b·h) over the prepared layout (`block_sparse_prepare`): positions are the
+    head's order, `n_blocks` blocked ones followed by `n_global_blocks` blocks of global tokens. A query
+    block attends to the global blocks and to its `kept` key blocks (`blocks[h, qb]`); the output rows go
+    back to their tokens through `order`. Programs past `n_blocks` are the global queries' dense rows
+    (float, over the original tensors)."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    h = bh % heads
+    off = (bh // heads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    o_base = o_ptr + off
     r = tl.arange(0, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.full([BLOCK, BLOCK_D], 0.0, tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK], 0.0, tl.float32)
     if pid >= n_blocks:
         g = (pid - n_blocks) * BLOCK + r
         g_ok = g < n_global
         tok = tl.load(global_ptr + g, mask=g_ok, other=0)
-        q = _load_rows(q_base, tok, g_ok, stride_n, D, BLOCK_D)
-        acc = tl.full([BLOCK, BLOCK_D], 0.0, tl.float32)
-        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK], 0.0, tl.float32)
-        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, n_tokens, stride_n, qk_scale, D, BLOCK, BLOCK_D)
+        q_global = _load_rows(q_ptr + off, tok, g_ok, stride_n, D, BLOCK_D)
+        acc, m_i, l_i = _attend_range(q_global, acc, m_i, l_i, k_ptr + off, v_ptr + off, 0, n_tokens, stride_n,
+                                      qk_scale, D, BLOCK, BLOCK_D)
         _store_rows(o_base, tok, g_ok, acc, l_i, stride_n, D, BLOCK_D)
     else:
-        row = h.to(tl.int64) * n_blocks * BLOCK
-        q_tok = tl.load(order_ptr + row + pid * BLOCK + r)
-        q_ok = q_tok >= 0
-        q = _load_rows(q_base, q_tok, q_ok, stride_n, D, BLOCK_D)
-        k_mean = tl.full([BLOCK_D], 0.0, tl.float32)
-        if HAS_K_MEAN:
-            d = tl.arange(0, BLOCK_D)
-            k_mean = tl.load(k_mean_ptr + bh.to(tl.int64) * D + d, mask=d < D, other=0.0).to(tl.float32)
-        q_int, q_scale = _quantize_rows(q, QK_LEVELS if QK_LEVELS > 0 else 127)
-        acc = tl.full([BLOCK, BLOCK_D], 0.0, tl.float32)
-        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK], 0.0, tl.float32)
-        for start in range(0, n_global, BLOCK):
-            g = start + r
-            g_ok = g < n_global
-            tok = tl.load(global_ptr + g, mask=g_ok, other=0)
-            acc, m_i, l_i = _block_step(q, q_int, q_scale, acc, m_i, l_i, k_base, v_base, tok, g_ok, stride_n,
-                                        qk_scale, k_mean, D, BLOCK_D, QK_LEVELS, PV_INT8, HAS_K_MEAN)
+        n_positions = (n_blocks + n_global_blocks) * BLOCK
+        layout = bh.to(tl.int64) * n_positions * BLOCK_D
+        rows = layout + (pid * BLOCK + r)[:, None].to(tl.int64) * BLOCK_D + d[None, :]
+        q = tl.load(qp_ptr + rows)
+        if QK_LEVELS > 0:
+            q_scale = tl.load(q_scale_ptr + bh.to(tl.int64) * n_positions + pid * BLOCK + r) * qk_scale
         table = blocks_ptr + (h.to(tl.int64) * n_blocks + pid) * kept
-        for i in range(0, kept):
-            kb = tl.load(table + i)
-            tok = tl.load(order_ptr + row + kb * BLOCK + r)
-            acc, m_i, l_i = _block_step(q, q_int, q_scale, acc, m_i, l_i, k_base, v_base, tok, tok >= 0, stride_n,
-                                        qk_scale, k_mean, D, BLOCK_D, QK_LEVELS, PV_INT8, HAS_K_MEAN)
-        _store_rows(o_base, q_tok, q_ok, acc, l_i, stride_n, D, BLOCK_D)
+        for i in range(0, n_global_blocks + kept):
+            kb = n_blocks + i
+            if i >= n_global_blocks:
+                kb = tl.load(table + i - n_global_blocks)
+            pos = kb * BLOCK + r
+            valid = tl.load(order_ptr + h.to(tl.int64) * n_positions + pos) >= 0
+            kv_rows = layout + pos[:, None].to(tl.int64) * BLOCK_D + d[None, :]
+            k = tl.load(kp_ptr + kv_rows)
+            v = tl.load(vp_ptr + kv_rows)
+            if QK_LEVELS > 0:
+                k_scale = tl.load(k_scale_ptr + bh.to(tl.int64) * n_positions + pos)
+                s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+            else:
+                s = _logits(q, k, qk_scale)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            if PV_INT8:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v_scale = tl.load(v_scale_ptr + (bh.to(tl.int64) * (n_positions // BLOCK) + kb) * BLOCK_D + d)
+                pv = tl.dot((p * 127.0 + 0.5).to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
+                acc = acc * alpha[:, None] + pv * (v_scale[None, :] / 127.0)
+                m_i = m_new
+            else:
+                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v)
+        q_tok = tl.load(order_ptr + h.to(tl.int64) * n_positions + pid * BLOCK + r)
+        _store_rows(o_base, q_tok, q_tok >= 0, acc, l_i, stride_n, D, BLOCK_D)

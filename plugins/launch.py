@@ -87,26 +87,38 @@ def neighborhood_attention(q, k, v, *, grid: tuple[int, int], prefix: int, kerne
 
 @dataclasses.dataclass(frozen=True)
 class BlockTables:
-    """PARO's tables as the block-sparse kernel reads them (int32, `-1` = padding slot)."""
+    """PARO's tables as the block-sparse kernels read them (int32, `-1` = padding slot).
 
-    order: np.ndarray  # [h, nb·block]: position of the blocked sequence → token
+    Positions are each head's order of the blocked tokens (`blocks` count them in blocks), then the
+    global tokens in their own trailing blocks, so one prepared layout holds every key a query sees."""
+
+    order: np.ndarray  # [h, (nb + ngb)·block]: position → token
     blocks: np.ndarray  # [h, nb, kept]: kept key blocks per query block
     global_idx: np.ndarray  # [G]: tokens every query attends to, and that attend to every key
     block: int
 
+    @property
+    def global_blocks(self) -> int:
+        return _cdiv(len(self.global_idx), self.block)
+
     @classmethod
     def from_paro(cls, frame, tables) -> "BlockTables":
         heads, nb, _ = tables.blocks.shape
-        order = np.full((heads, nb * tables.block), -1, np.int32)
+        glob = np.asarray(frame.global_idx, np.int32)
+        order = np.full((heads, (nb + _cdiv(len(glob), tables.block)) * tables.block), -1, np.int32)
         for h in range(heads):
             tokens = frame.order(tables.orders[h])
             order[h, :len(tokens)] = tokens
-        return cls(order, tables.blocks.astype(np.int32), np.asarray(frame.global_idx, np.int32), tables.block)
+            order[h, nb * tables.block:nb * tables.block + len(glob)] = glob
+        return cls(order, tables.blocks.astype(np.int32), glob, tables.block)
 
 
 def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bits: int = 8, pv_bits: int = 8,
                            smooth_k: bool = False):
-    """`qk_bits` 8 (±127), 4 (±7 held in int8: the INT4 range, int8 speed) or 16 (float); `pv_bits` 8 or 16."""
+    """`qk_bits` 8 (±127), 4 (±7 held in int8: the INT4 range, int8 speed) or 16 (float); `pv_bits` 8 or 16.
+
+    Two launches: `block_sparse_prepare` lays Q/K/V out in each head's order and quantises them once,
+    then `block_sparse_attention` runs on contiguous blocks."""
     import torch
 
     if qk_bits not in (4, 8, 16) or pv_bits not in (8, 16):
@@ -117,17 +129,28 @@ def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bit
         raise ValueError(f"int8 P·V needs block >= 32 (an int8 dot reduces over >= 32 keys), got {tables.block}")
     q, k, v, o = _prepare(q, k, v)
     batch, heads, n, d = q.shape
-    dev = q.device
+    bd, dev, f32 = head_block(d), q.device, torch.float32
     order, blocks, glob = (torch.as_tensor(np.ascontiguousarray(a), device=dev) for a in
                            (tables.order, tables.blocks, tables.global_idx if len(tables.global_idx) else np.zeros(1, np.int32)))
-    k_mean = k.float().mean(dim=2).contiguous() if smooth_k else q.new_zeros(1, dtype=torch.float32)
     nb, kept = tables.blocks.shape[1], tables.blocks.shape[2]
+    positions = tables.order.shape[1]
+    qk_int, pv_int = qk_bits != 16, pv_bits == 8
+    qk_dtype = torch.int8 if qk_int else q.dtype
+    qp, kp = (torch.empty(batch * heads, positions, bd, dtype=qk_dtype, device=dev) for _ in range(2))
+    vp = torch.empty(batch * heads, positions, bd, dtype=torch.int8 if pv_int else q.dtype, device=dev)
+    unused = torch.empty(1, dtype=f32, device=dev)  # float32 like the pointer it stands for (one AOT signature)
+    scales = [torch.empty(batch * heads, positions, dtype=f32, device=dev) for _ in range(2)] if qk_int else [unused] * 2
+    v_scale = torch.empty(batch * heads, positions // tables.block, bd, dtype=f32, device=dev) if pv_int else unused
+    k_mean = k.float().mean(dim=2).contiguous() if smooth_k else unused
+    module, levels = _kernels(q), {8: 127, 4: 7, 16: 0}[qk_bits]
+    module.block_sparse_prepare[(positions // tables.block, batch * heads)](
+        q, k, v, order, k_mean, qp, kp, vp, scales[0], scales[1], v_scale, q.stride(0), q.stride(1), q.stride(2),
+        heads, positions, D=d, BLOCK=tables.block, BLOCK_D=bd, QK_LEVELS=levels, PV_INT8=pv_int, HAS_K_MEAN=smooth_k)
     n_global = len(tables.global_idx)
-    launch = (nb + _cdiv(n_global, tables.block), batch * heads)
-    _kernels(q).block_sparse_attention[launch](
-        q, k, v, o, order, blocks, glob, k_mean, q.stride(0), q.stride(1), q.stride(2), heads, n, n_global, nb, kept,
-        scale * LOG2E, D=d, BLOCK=tables.block, BLOCK_D=head_block(d),
-        QK_LEVELS={8: 127, 4: 7, 16: 0}[qk_bits], PV_INT8=pv_bits == 8, HAS_K_MEAN=smooth_k)
+    module.block_sparse_attention[(nb + _cdiv(n_global, tables.block), batch * heads)](
+        q, k, v, o, order, blocks, glob, qp, kp, vp, scales[0], scales[1], v_scale, q.stride(0), q.stride(1), q.stride(2),
+        heads, n, n_global, nb, tables.global_blocks, kept, scale * LOG2E,
+        D=d, BLOCK=tables.block, BLOCK_D=bd, QK_LEVELS=levels, PV_INT8=pv_int)
     return o
 
 

@@ -51,6 +51,7 @@ def cli() -> None:
       attnrewrite inspect model.onnx               list the attention sites
       attnrewrite audit a.onnx b.onnx --budget 'cosine>=0.999'
       attnrewrite bench a.onnx b.onnx
+      attnrewrite kernels check --interpret       fused GPU kernels vs their references
 
     Exit codes: 0 ok, 1 accuracy budget exceeded, 2 usage/input error, 3 runtime failure,
     4 no attention found.
@@ -315,6 +316,15 @@ class _status:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
         return False
+
+
+def _add_kernels() -> None:
+    from attnrewrite.kernels_cli import kernels_cmd
+
+    cli.add_command(kernels_cmd)
+
+
+_add_kernels()
 
 
 def main(argv: list[str] | None = None) -> int:
