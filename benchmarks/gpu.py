@@ -40,7 +40,9 @@ def variants(smoke: bool):
             ("block-sparse 0.25 fp16", "paro", {"density": 0.25, "qk_bits": 16, "pv_bits": 16}),
             ("block-sparse 0.25 int8", "paro", {"density": 0.25, "qk_bits": 8, "pv_bits": 8}),
             ("block-sparse 0.25 int8 QK", "paro", {"density": 0.25, "qk_bits": 8, "pv_bits": 16}),
-            ("block-sparse 0.5 int8", "paro", {"density": 0.5, "qk_bits": 8, "pv_bits": 8})]
+            ("block-sparse 0.5 int8", "paro", {"density": 0.5, "qk_bits": 8, "pv_bits": 8}),
+            ("block-sparse 0.25 int8, block 128", "paro", {"density": 0.25, "qk_bits": 8, "pv_bits": 8, "block": 128}),
+            ("block-sparse 0.25 fp16, block 128", "paro", {"density": 0.25, "qk_bits": 16, "pv_bits": 16, "block": 128})]
 
 
 def axis_masks(family: str, params: dict, side: int, device: str):
@@ -117,7 +119,7 @@ def run(args) -> list[dict]:
         for label, family, params in variants(args.smoke):
             block_mask, extra = None, {}
             if family == "paro":
-                block = 32 if args.smoke else 64
+                block = 32 if args.smoke else params.get("block", 64)
                 _, _, bt = paro_tables(grid, heads, params["density"], block)
                 kernel = lambda: L.block_sparse_attention(q, k, v, bt, scale=scale, qk_bits=params["qk_bits"],  # noqa: E731
                                                           pv_bits=params["pv_bits"])
@@ -145,6 +147,37 @@ def run(args) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         del dense
+    return rows
+
+
+def sweep(args) -> list[dict]:
+    """Launch options of the block-sparse kernel at the largest size: block × warps × stages, per format."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnrewrite.plugins import launch as L
+
+    side = max(args.sides)
+    n, heads = side * side, args.heads
+    q, k, v = (torch.randn(1, heads, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    time_ms = timer("cuda", args.repeats)
+    t_dense = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    rows = []
+    for block in (64, 128):
+        _, _, bt = paro_tables((side, side), heads, 0.25, block)
+        for bits in ((16, 16), (8, 16), (8, 8)):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    fn = lambda: L.block_sparse_attention(q, k, v, bt, scale=0.125, qk_bits=bits[0], pv_bits=bits[1],  # noqa: E731
+                                                          num_warps=warps, num_stages=stages)
+                    try:
+                        t = time_ms(fn)
+                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
+                        rows.append({"block": block, "bits": bits, "warps": warps, "stages": stages, "error": str(exc)[:200]})
+                        continue
+                    rows.append({"block": block, "bits": bits, "warps": warps, "stages": stages, "ms": t,
+                                 "vs_sdpa": t_dense / t})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -181,6 +214,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=100, help="ms of timed repetitions per measurement (do_bench rep)")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time the block-sparse launch options (GPU)")
     parser.add_argument("--json", help="write rows, checks and device to this file")
     args = parser.parse_args()
     import torch
@@ -196,9 +230,10 @@ def main() -> None:
     checks = [] if args.no_check else check_on_device(args.smoke)
     rows = run(args)
     table(rows, checks, meta)
+    swept = sweep(args) if args.sweep and not args.smoke else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "checks": checks, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "checks": checks, "rows": rows, "sweep": swept}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def variants(head_dim: int = 64, dtypes=tuple(DTYPES)) -> list[Variant]:
             formats = (("QK_LEVELS", levels), ("PV_INT8", pv_int8))
             out.append(Variant("block_sparse_prepare", dtype, common + (("BLOCK", 64), ("BLOCK_D", bd)) + formats
                                + (("HAS_K_MEAN", smooth),)))
-            attention = Variant("block_sparse_attention", dtype, common + (("BLOCK", 64), ("BLOCK_D", bd)) + formats)
+            attention = Variant("block_sparse_attention", dtype,
+                                common + (("BLOCK", 64), ("BLOCK_D", bd)) + formats + (("PADDED", False),))
             if attention not in out:  # smoothing changes only the prepare kernel
                 out.append(attention)
     return out

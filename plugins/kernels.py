@@ -198,6 +198,11 @@ def _round(x):
 
 
 @triton.jit
+def _div(x, levels):
+    return tl.div_rn(x, tl.zeros_like(x) + levels)
+
+
+@triton.jit
 def _quantize(x, scale):
     """x / scale (IEEE division: the approximate `/` moves values across rounding ties), rounded, int8."""
     return _round(tl.div_rn(x, scale)).to(tl.int8)
@@ -225,9 +230,9 @@ def block_sparse_prepare(q_ptr, k_ptr, v_ptr, order_ptr, k_mean_ptr, qp_ptr, kp_
     if HAS_K_MEAN:
         k_mean = tl.load(k_mean_ptr + bh.to(tl.int64) * D + d, mask=d < D, other=0.0)
         k = tl.where(ok[:, None] & (d[None, :] < D), k - k_mean[None, :], 0.0)
-    if QK_LEVELS > 0:
-        qs = tl.maximum(tl.max(tl.abs(q), 1) / QK_LEVELS, 1e-30)
-        ks = tl.maximum(tl.max(tl.abs(k), 1) / QK_LEVELS, 1e-30)
+    if QK_LEVELS > 0:  # IEEE divisions throughout: fp16 inputs sit on a coarse grid where ties are common
+        qs = tl.maximum(_div(tl.max(tl.abs(q), 1), QK_LEVELS), 1e-30)
+        ks = tl.maximum(_div(tl.max(tl.abs(k), 1), QK_LEVELS), 1e-30)
         tl.store(qp_ptr + dst, _quantize(q, qs[:, None]))
         tl.store(kp_ptr + dst, _quantize(k, ks[:, None]))
         tl.store(q_scale_ptr + bh.to(tl.int64) * n_positions + r, qs)
@@ -237,7 +242,7 @@ def block_sparse_prepare(q_ptr, k_ptr, v_ptr, order_ptr, k_mean_ptr, qp_ptr, kp_
         tl.store(kp_ptr + dst, k.to(kp_ptr.dtype.element_ty))
     if PV_INT8:
         v32 = v.to(tl.float32)
-        vs = tl.maximum(tl.max(tl.abs(v32), 0) / 127.0, 1e-30)
+        vs = tl.maximum(_div(tl.max(tl.abs(v32), 0), 127), 1e-30)
         tl.store(vp_ptr + dst, _quantize(v32, vs[None, :]))
         tl.store(v_scale_ptr + (bh.to(tl.int64) * (n_positions // BLOCK) + pid) * BLOCK_D + d, vs)
     else:
@@ -250,12 +255,12 @@ def block_sparse_attention(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, blocks_ptr, gl
                            stride_b, stride_h, stride_n, heads, n_tokens, n_global, n_blocks, n_global_blocks, kept,
                            qk_scale,
                            D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, QK_LEVELS: tl.constexpr,
-                           PV_INT8: tl.constexpr):
+                           PV_INT8: tl.constexpr, PADDED: tl.constexpr):
     """Program (query block, b·h) over the prepared layout (`block_sparse_prepare`): positions are the
     head's order, `n_blocks` blocked ones followed by `n_global_blocks` blocks of global tokens. A query
     block attends to the global blocks and to its `kept` key blocks (`blocks[h, qb]`); the output rows go
     back to their tokens through `order`. Programs past `n_blocks` are the global queries' dense rows
-    (float, over the original tensors)."""
+    (float, over the original tensors). `PADDED=False` (every position holds a token) skips the masking."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     h = bh % heads
     off = (bh // heads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
@@ -286,7 +291,6 @@ def block_sparse_attention(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, blocks_ptr, gl
             if i >= n_global_blocks:
                 kb = tl.load(table + i - n_global_blocks)
             pos = kb * BLOCK + r
-            valid = tl.load(order_ptr + h.to(tl.int64) * n_positions + pos) >= 0
             kv_rows = layout + pos[:, None].to(tl.int64) * BLOCK_D + d[None, :]
             k = tl.load(kp_ptr + kv_rows)
             v = tl.load(vp_ptr + kv_rows)
@@ -295,7 +299,9 @@ def block_sparse_attention(q_ptr, k_ptr, v_ptr, o_ptr, order_ptr, blocks_ptr, gl
                 s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
             else:
                 s = _logits(q, k, qk_scale)
-            s = tl.where(valid[None, :], s, float("-inf"))
+            if PADDED:  # the last blocked block or a global block has empty slots
+                valid = tl.load(order_ptr + h.to(tl.int64) * n_positions + pos) >= 0
+                s = tl.where(valid[None, :], s, float("-inf"))
             if PV_INT8:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

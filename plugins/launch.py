@@ -114,7 +114,7 @@ class BlockTables:
 
 
 def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bits: int = 8, pv_bits: int = 8,
-                           smooth_k: bool = False):
+                           smooth_k: bool = False, num_warps: int | None = None, num_stages: int | None = None):
     """`qk_bits` 8 (±127), 4 (±7 held in int8: the INT4 range, int8 speed) or 16 (float); `pv_bits` 8 or 16.
 
     Two launches: `block_sparse_prepare` lays Q/K/V out in each head's order and quantises them once,
@@ -150,8 +150,16 @@ def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bit
     module.block_sparse_attention[(nb + _cdiv(n_global, tables.block), batch * heads)](
         q, k, v, o, order, blocks, glob, qp, kp, vp, scales[0], scales[1], v_scale, q.stride(0), q.stride(1), q.stride(2),
         heads, n, n_global, nb, tables.global_blocks, kept, scale * LOG2E,
-        D=d, BLOCK=tables.block, BLOCK_D=bd, QK_LEVELS=levels, PV_INT8=pv_int)
+        D=d, BLOCK=tables.block, BLOCK_D=bd, QK_LEVELS=levels, PV_INT8=pv_int, PADDED=bool((tables.order < 0).any()),
+        **_launch_options(tables.block, num_warps, num_stages))
     return o
+
+
+def _launch_options(block: int, num_warps: int | None, num_stages: int | None) -> dict:
+    """4 warps (one Hopper warpgroup) and 3 stages: the fastest of warps 4/8 × stages 2/3 for blocks of
+    64 and 128 on an H200 (benchmarks/gpu.py --sweep, docs/measured/gpu_h200_2026-11-30.json)."""
+    del block  # the same choice won for both block sizes
+    return {"num_warps": num_warps or 4, "num_stages": num_stages or 3}
 
 
 def dense_attention(q, k, v, *, scale: float):
