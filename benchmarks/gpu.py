@@ -76,7 +76,7 @@ def keep_tokens(bt, n: int, device: str):
 def paro_tables(grid, heads: int, density: float, block: int, seed: int = 0):
     """Random PARO tables at a density: speed depends only on the kept count (orders hw/wh alternate)."""
     from attnrewrite.passes import paro as PA
-    from attnrewrite.plugins.launch import BlockTables
+    from attnrewrite.plugins.tables import BlockTables
 
     n = math.prod(grid)
     nb = math.ceil(n / block)

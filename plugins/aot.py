@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from attnrewrite.errors import InputError
-from attnrewrite.plugins.launch import head_block
+from attnrewrite.plugins.launch import LOG2E, head_block
 
 ARCHES = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -30,12 +30,12 @@ class Variant:
 
     kernel: str
     dtype: str
-    constants: tuple[tuple[str, int | bool], ...]
+    constants: tuple[tuple[str, int | bool | float], ...]
     num_warps: int = 4
 
     @property
     def name(self) -> str:
-        consts = "_".join(f"{k.lower()}{int(v)}" for k, v in self.constants if k not in ("BLOCK_D",))
+        consts = "_".join(f"{k.lower()}{int(v)}" for k, v in self.constants if k not in ("BLOCK_D", "QK_SCALE"))
         return f"{self.kernel}_{self.dtype}_{consts}"
 
 
@@ -49,6 +49,11 @@ def variants(head_dim: int = 64, dtypes=tuple(DTYPES)) -> list[Variant]:
         for ty, tx in ((8, 8), (1, 64)):  # 2-D grids, 1-D sequences
             out.append(Variant("neighborhood_attention", dtype,
                                common + (("TY", ty), ("TX", tx), ("BLOCK_N", 64), ("BLOCK_D", bd))))
+        # the TensorRT entry points compile the scale in; a plugin compiles its own at engine build
+        trt = common + (("QK_SCALE", head_dim ** -0.5 * LOG2E),)
+        out.append(Variant("window_attention_trt", dtype, trt + (("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_D", bd))))
+        out.append(Variant("neighborhood_attention_trt", dtype,
+                           trt + (("TY", 8), ("TX", 8), ("BLOCK_N", 64), ("BLOCK_D", bd))))
         for levels, pv_int8, smooth in ((127, True, True), (127, False, False), (7, False, True), (0, False, False)):
             formats = (("QK_LEVELS", levels), ("PV_INT8", pv_int8))
             out.append(Variant("block_sparse_prepare", dtype, common + (("BLOCK", 64), ("BLOCK_D", bd)) + formats

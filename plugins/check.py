@@ -23,6 +23,7 @@ import numpy as np
 from attnrewrite.passes import paro as PA
 from attnrewrite.passes import quantize as Qz
 from attnrewrite.passes.spatial import reference as R
+from attnrewrite.plugins.tables import BlockTables
 
 TOLERANCE = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 DTYPES = tuple(TOLERANCE)
@@ -86,7 +87,7 @@ def _block_sparse(name: str, grid, prefix: int, *, block: int, kept: int, qk_bit
 
     frame, tables = _paro_frame(grid, prefix, block, kept, heads)
     keep = PA.keep_mask(frame, tables)[None]
-    bt = L.BlockTables.from_paro(frame, tables)
+    bt = BlockTables.from_paro(frame, tables)
     qk = {8: GPU_INT8, 4: Qz.FORMATS[4], 16: None}[qk_bits]
 
     def reference(q, k, v):

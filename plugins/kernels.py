@@ -95,6 +95,24 @@ def _dense_rows(q_base, k_base, v_base, o_base, row0, n_rows, n_keys, stride_n, 
 def window_attention(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, WY, WX, SY, SX,
                      n_windows_x, n_tiles, chunks, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    _window_program(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, WY, WX, SY, SX,
+                    n_windows_x, n_tiles, chunks, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def window_attention_trt(q_ptr, k_ptr, v_ptr, heads, N, P, GH, GW, WY, WX, SY, SX, n_windows_x, n_tiles, chunks, o_ptr,
+                         QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """TensorRT's argument order (inputs, int32 scalars, outputs) on contiguous `[B, h, N, d]` tensors;
+    the scale is compiled in, since an AOT plugin's scalar arguments are int32 only."""
+    _window_program(q_ptr, k_ptr, v_ptr, o_ptr, heads * N * D, N * D, D, heads, P, GH, GW, WY, WX, SY, SX,
+                    n_windows_x, n_tiles, chunks, QK_SCALE, D, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _window_program(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, WY, WX, SY, SX,
+                    n_windows_x, n_tiles, chunks, qk_scale,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (tile, b·h): a tile is BLOCK_M queries of one window (window = segment_y × segment_x);
     programs past `n_tiles` are the prefix queries' dense rows."""
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -143,6 +161,24 @@ def neighborhood_attention(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, strid
                            tiles_y, tiles_x, n_tiles, qk_scale,
                            D: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr):
+    _neighborhood_program(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, KY, KX, DY, DX,
+                          tiles_y, tiles_x, n_tiles, qk_scale, D, TY, TX, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def neighborhood_attention_trt(q_ptr, k_ptr, v_ptr, heads, N, P, GH, GW, KY, KX, DY, DX, tiles_y, tiles_x, n_tiles,
+                               o_ptr, QK_SCALE: tl.constexpr, D: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """TensorRT's argument order and contiguous tensors, as `window_attention_trt`."""
+    _neighborhood_program(q_ptr, k_ptr, v_ptr, o_ptr, heads * N * D, N * D, D, heads, P, GH, GW, KY, KX, DY, DX,
+                          tiles_y, tiles_x, n_tiles, QK_SCALE, D, TY, TX, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _neighborhood_program(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, heads, P, GH, GW, KY, KX, DY, DX,
+                          tiles_y, tiles_x, n_tiles, qk_scale,
+                          D: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     """Program (tile, b·h): a TY×TX tile of one dilation group's local coordinates; it visits the
     union of its queries' windows (≤ (TY+KY−1)·(TX+KX−1) keys) and masks each query's own window."""
     BLOCK_M: tl.constexpr = TY * TX

@@ -13,12 +13,10 @@ import math
 import numpy as np
 
 from attnrewrite.plugins.loader import interpreting, kernels
+from attnrewrite.plugins.tables import BlockTables, cdiv as _cdiv
 
 LOG2E = 1.4426950408889634
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def head_block(head_dim: int) -> int:
@@ -47,20 +45,54 @@ def segments(length: int, size: int, shift: int) -> int:
     return _cdiv(length, size) if s == 0 else 1 + _cdiv(length - s, size)
 
 
-def window_attention(q, k, v, *, grid: tuple[int, int], prefix: int, size: tuple[int, int], shift=(0, 0),
-                     scale: float, block_m: int = 64, block_n: int = 64):
-    q, k, v, o = _prepare(q, k, v)
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """One spatial kernel launch, independent of the batch: the kernel's int32 arguments after the
+    strides (window: heads, P, GH, GW, WY, WX, SY, SX, n_windows_x, n_tiles, chunks; neighbourhood:
+    heads, P, GH, GW, KY, KX, DY, DX, tiles_y, tiles_x, n_tiles), its tile constants and program count.
+    The torch launchers and the TensorRT AOT implementation both launch from it."""
+
+    kernel: str
+    scalars: tuple[int, ...]  # after `heads`, which the launcher supplies
+    constants: tuple[tuple[str, int], ...]
+    programs: int  # along axis 0; axis 1 is batch · heads
+
+
+def window_geometry(grid: tuple[int, int], prefix: int, size: tuple[int, int], shift=(0, 0), *,
+                    block_m: int = 64, block_n: int = 64) -> Geometry:
     (gh, gw), (wy, wx) = grid, (min(size[0], grid[0]), min(size[1], grid[1]))
     sy, sx = shift[0] % wy, shift[1] % wx
     nwy, nwx = segments(gh, wy, sy), segments(gw, wx, sx)
     chunks = _cdiv(wy * wx, block_m)
     n_tiles = nwy * nwx * chunks
+    return Geometry("window_attention", (prefix, gh, gw, wy, wx, sy, sx, nwx, n_tiles, chunks),
+                    (("BLOCK_M", block_m), ("BLOCK_N", block_n)), n_tiles + _cdiv(prefix, block_m))
+
+
+def neighborhood_geometry(grid: tuple[int, int], prefix: int, kernel: tuple[int, int], dilation=(1, 1), *,
+                          tile: tuple[int, int] | None = None, block_n: int = 64) -> Geometry:
+    (gh, gw), (ky, kx), (dy, dx) = grid, kernel, dilation
+    if ky * dy > gh or kx * dx > gw:
+        raise ValueError(f"kernel {kernel} x dilation {dilation} does not fit the grid {grid}")
+    ty, tx = tile or neighborhood_tile(grid)
+    tiles_y, tiles_x = _cdiv(_cdiv(gh, dy), ty), _cdiv(_cdiv(gw, dx), tx)
+    n_tiles = dy * tiles_y * dx * tiles_x
+    return Geometry("neighborhood_attention", (prefix, gh, gw, ky, kx, dy, dx, tiles_y, tiles_x, n_tiles),
+                    (("TY", ty), ("TX", tx), ("BLOCK_N", block_n)), n_tiles + _cdiv(prefix, ty * tx))
+
+
+def _launch_spatial(geometry: Geometry, q, k, v, scale: float):
+    q, k, v, o = _prepare(q, k, v)
     batch, heads, _, d = q.shape
-    launch = (n_tiles + _cdiv(prefix, block_m), batch * heads)
-    _kernels(q).window_attention[launch](
-        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), heads, prefix, gh, gw, wy, wx, sy, sx, nwx, n_tiles, chunks,
-        scale * LOG2E, D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(d))
+    getattr(_kernels(q), geometry.kernel)[(geometry.programs, batch * heads)](
+        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), heads, *geometry.scalars, scale * LOG2E,
+        D=d, BLOCK_D=head_block(d), **dict(geometry.constants))
     return o
+
+
+def window_attention(q, k, v, *, grid: tuple[int, int], prefix: int, size: tuple[int, int], shift=(0, 0),
+                     scale: float, block_m: int = 64, block_n: int = 64):
+    return _launch_spatial(window_geometry(grid, prefix, size, shift, block_m=block_m, block_n=block_n), q, k, v, scale)
 
 
 def neighborhood_tile(grid: tuple[int, int]) -> tuple[int, int]:
@@ -70,47 +102,31 @@ def neighborhood_tile(grid: tuple[int, int]) -> tuple[int, int]:
 
 def neighborhood_attention(q, k, v, *, grid: tuple[int, int], prefix: int, kernel: tuple[int, int],
                            dilation=(1, 1), scale: float, tile: tuple[int, int] | None = None, block_n: int = 64):
+    return _launch_spatial(neighborhood_geometry(grid, prefix, kernel, dilation, tile=tile, block_n=block_n),
+                           q, k, v, scale)
+
+
+def plugin_geometry(plugin: str, fields: dict) -> Geometry:
+    """The launch of a spatial plugin node, from the node's fields (`onnx_nodes.PluginCall`)."""
+    if plugin == "WindowAttention":
+        return window_geometry(tuple(fields["grid"]), int(fields["prefix"]), tuple(fields["window"]),
+                               tuple(fields["shift"]))
+    if plugin == "NeighborhoodAttention":
+        return neighborhood_geometry(tuple(fields["grid"]), int(fields["prefix"]), tuple(fields["kernel"]),
+                                     tuple(fields["dilation"]))
+    raise ValueError(f"{plugin} has no single-kernel (AOT) launch")
+
+
+def run_trt_entry(plugin: str, fields: dict, q, k, v):
+    """Launch the `*_trt` entry point exactly as the TensorRT AOT plugin does (argument order, contiguous
+    tensors, compiled-in scale), so its arguments are tested here rather than first inside an engine."""
+    geometry = plugin_geometry(plugin, fields)
     q, k, v, o = _prepare(q, k, v)
-    (gh, gw), (ky, kx), (dy, dx) = grid, kernel, dilation
-    if ky * dy > gh or kx * dx > gw:
-        raise ValueError(f"kernel {kernel} x dilation {dilation} does not fit the grid {grid}")
-    ty, tx = tile or neighborhood_tile(grid)
-    tiles_y, tiles_x = _cdiv(_cdiv(gh, dy), ty), _cdiv(_cdiv(gw, dx), tx)
-    n_tiles = dy * tiles_y * dx * tiles_x
-    batch, heads, _, d = q.shape
-    launch = (n_tiles + _cdiv(prefix, ty * tx), batch * heads)
-    _kernels(q).neighborhood_attention[launch](
-        q, k, v, o, q.stride(0), q.stride(1), q.stride(2), heads, prefix, gh, gw, ky, kx, dy, dx, tiles_y, tiles_x,
-        n_tiles, scale * LOG2E, D=d, TY=ty, TX=tx, BLOCK_N=block_n, BLOCK_D=head_block(d))
+    batch, heads, n, d = q.shape
+    getattr(_kernels(q), geometry.kernel + "_trt")[(geometry.programs, batch * heads)](
+        q, k, v, heads, n, *geometry.scalars, o, QK_SCALE=float(fields["scale"]) * LOG2E, D=d,
+        BLOCK_D=head_block(d), **dict(geometry.constants))
     return o
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockTables:
-    """PARO's tables as the block-sparse kernels read them (int32, `-1` = padding slot).
-
-    Positions are each head's order of the blocked tokens (`blocks` count them in blocks), then the
-    global tokens in their own trailing blocks, so one prepared layout holds every key a query sees."""
-
-    order: np.ndarray  # [h, (nb + ngb)·block]: position → token
-    blocks: np.ndarray  # [h, nb, kept]: kept key blocks per query block
-    global_idx: np.ndarray  # [G]: tokens every query attends to, and that attend to every key
-    block: int
-
-    @property
-    def global_blocks(self) -> int:
-        return _cdiv(len(self.global_idx), self.block)
-
-    @classmethod
-    def from_paro(cls, frame, tables) -> "BlockTables":
-        heads, nb, _ = tables.blocks.shape
-        glob = np.asarray(frame.global_idx, np.int32)
-        order = np.full((heads, (nb + _cdiv(len(glob), tables.block)) * tables.block), -1, np.int32)
-        for h in range(heads):
-            tokens = frame.order(tables.orders[h])
-            order[h, :len(tokens)] = tokens
-            order[h, nb * tables.block:nb * tables.block + len(glob)] = glob
-        return cls(order, tables.blocks.astype(np.int32), glob, tables.block)
 
 
 def block_sparse_attention(q, k, v, tables: BlockTables, *, scale: float, qk_bits: int = 8, pv_bits: int = 8,
@@ -172,3 +188,22 @@ def dense_attention(q, k, v, *, scale: float):
 
 def tokens(grid: tuple[int, int], prefix: int) -> int:
     return prefix + math.prod(grid)
+
+
+def run_plugin(plugin: str, fields: dict, q, k, v):
+    """Run the kernel a plugin node names with the node's own fields (`onnx_nodes.PluginCall.fields`).
+
+    The TensorRT JIT implementation calls this, and the tests run it against the node's ONNX body, so
+    the attributes are proven to mean what the body computes."""
+    scale = float(fields["scale"])
+    if plugin == "WindowAttention":
+        return window_attention(q, k, v, grid=tuple(fields["grid"]), prefix=int(fields["prefix"]),
+                                size=tuple(fields["window"]), shift=tuple(fields["shift"]), scale=scale)
+    if plugin == "NeighborhoodAttention":
+        return neighborhood_attention(q, k, v, grid=tuple(fields["grid"]), prefix=int(fields["prefix"]),
+                                      kernel=tuple(fields["kernel"]), dilation=tuple(fields["dilation"]), scale=scale)
+    if plugin == "BlockSparseAttention":
+        tables = BlockTables.from_fields(fields, heads=q.shape[1], tokens=q.shape[2])
+        return block_sparse_attention(q, k, v, tables, scale=scale, qk_bits=int(fields["qk_bits"]),
+                                      pv_bits=int(fields["pv_bits"]), smooth_k=bool(fields["smooth_k"]))
+    raise ValueError(f"no kernel for plugin {plugin!r}")

@@ -140,10 +140,11 @@ def _budget_summary(budgets, failures: list[str]) -> list[dict]:
     return out
 
 
-def default_output(model: str, specs) -> str:
+def default_output(model: str, specs, target: str = "onnxruntime") -> str:
     path = os.path.abspath(model)
     stem = path[:-5] if path.endswith(".onnx") else path
-    return f"{stem}.{'.'.join(s.name for s in specs)}.onnx"
+    suffix = ".trt" if target == "tensorrt" else ""
+    return f"{stem}.{'.'.join(s.name for s in specs)}{suffix}.onnx"
 
 
 @cli.command("rewrite", hidden=True)
@@ -159,7 +160,11 @@ def default_output(model: str, specs) -> str:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, budget_texts, fallback, report_dir, as_json, force):
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: sites with a fused kernel become plugin nodes (with ONNX bodies for onnxruntime); "
+                   "see `attnrewrite build`.")
+def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, budget_texts, fallback, report_dir, as_json,
+                force, target):
     """Rewrite the attention of MODEL with one or more passes, validating the drift of each."""
     from attnrewrite import select
     from attnrewrite.errors import BudgetExceeded
@@ -174,7 +179,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     budgets = _budgets(budget_texts)
     if fallback and not budgets:
         raise InputError("--fallback needs at least one --budget to aim for.")
-    out = output or default_output(model, specs)
+    out = output or default_output(model, specs, target)
     if os.path.abspath(out) == os.path.abspath(model):
         raise InputError("refusing to write the output over the input model; choose another -o.")
     if os.path.exists(out) and not force:
@@ -185,7 +190,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     progress = progress_for(as_json)
     pipeline = Pipeline(path=__import__("pathlib").Path(model), batches=calibration.batches, budgets=budgets,
                         selectors=tuple(selectors), fallback=fallback, progress=progress,
-                        calibrated=bool(calib))
+                        calibrated=bool(calib), target=target)
     reports = pipeline.run(ir_model, specs)
     first = reports[0]
     if not first.sites:
@@ -196,6 +201,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
         **header(model, calibration),
         "command": "rewrite",
         "output": str(out),
+        "target": target,
         "status": "budget_exceeded" if failures else "ok",
         "budgets": _budget_summary(budgets, failures),
         "passes": [r.to_json() for r in reports],

@@ -47,6 +47,8 @@ class Rewrite:
     site: AttentionSite
     plan: Plan
     value: ir.Value  # the new attention output, in the original layout
+    #: `--target tensorrt`: the plugin node that carries this site, or why it stayed plain ONNX
+    target: str | None = None
 
     @property
     def probe_name(self) -> str:
@@ -62,6 +64,8 @@ class SiteOutcome:
     accumulated: dict[str, float] | None = None
     #: what the pass decided or fitted here (`Plan.summary`): per-head orders, densities, scales
     plan: dict[str, Any] | None = None
+    #: `--target tensorrt` only: "WindowAttention plugin", or "plain ONNX: <why no kernel runs it>"
+    target: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,13 +75,18 @@ class SiteOutcome:
 # Rewriting
 
 
-def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionSite, Plan]]) -> list[Rewrite]:
-    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs."""
+def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionSite, Plan]],
+                 target: str = "onnxruntime") -> list[Rewrite]:
+    """Emit each site's rewrite as an unused branch (the probe); returns the new outputs.
+
+    With `target="tensorrt"` a site a fused kernel can run becomes one plugin node whose local
+    function is the same rewrite (`plugins/onnx_nodes.py`), so the probe measures the same math."""
     graph = model.graph
     rewrites = []
     for site, plan in planned:
         before = len(graph)
-        new = to_original_layout(graph, site.output_layout, spec.impl.rewrite(graph, site, plan), site.output)
+        attention, note = _emit(model, spec, site, plan, target)
+        new = to_original_layout(graph, site.output_layout, attention, site.output)
         new.name = f"attnrewrite/{site.id}/{spec.name}_output"
         new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
         new.metadata_props[SITE_TAG] = site.id
@@ -88,10 +97,22 @@ def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionS
             node.name = f"attnrewrite/{site.id}/{spec.label()}/{node.op_type}_{count}"
         if site.output.type is not None:
             new.type = site.output.type
-        rewrites.append(Rewrite(site=site, plan=plan, value=new))
+        rewrites.append(Rewrite(site=site, plan=plan, value=new, target=note))
     _add_opset_imports(model)
     common_passes.TopologicalSortPass()(model)
     return rewrites
+
+
+def _emit(model: ir.Model, spec: PassSpec, site: AttentionSite, plan: Plan, target: str) -> tuple[ir.Value, str | None]:
+    """The site's new attention `[B, h, N, dv]`, and for TensorRT what carries it."""
+    if target != "tensorrt":
+        return spec.impl.rewrite(model.graph, site, plan), None
+    from attnrewrite.plugins import onnx_nodes
+
+    call = onnx_nodes.plugin_call(spec.name, site, plan)
+    if isinstance(call, str):
+        return spec.impl.rewrite(model.graph, site, plan), f"plain ONNX: {call}"
+    return onnx_nodes.emit_plugin(model, site, plan, call, spec.impl.rewrite), onnx_nodes.plugin_note(call)
 
 
 def switch(rewrite: Rewrite, *, on: bool) -> None:
@@ -111,8 +132,17 @@ def _add_opset_imports(model: ir.Model) -> None:
 def finalize(model: ir.Model) -> None:
     """Drop the losing branches and detection helpers; keep the graph sorted."""
     common_passes.RemoveUnusedNodesPass()(model)
+    _drop_unused_plugin_bodies(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     common_passes.TopologicalSortPass()(model)
+
+
+def _drop_unused_plugin_bodies(model: ir.Model) -> None:
+    """Bodies of plugin nodes that lost to the original (`--fallback`); the model's own functions stay."""
+    from attnrewrite.plugins.onnx_nodes import unused_functions
+
+    for key in unused_functions(model):
+        del model.functions[key]
 
 
 def check_model(model: ir.Model, base_dir: Path, done: list[str]) -> None:
@@ -177,6 +207,8 @@ class Pipeline:
     fit_batches: int = 8
     #: False when the batches are seeded random inputs: passes whose fit needs real data refuse them
     calibrated: bool = True
+    #: "tensorrt": sites a fused kernel runs become plugin nodes with their ONNX body as a local function
+    target: str = "onnxruntime"
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     def __post_init__(self) -> None:
@@ -215,12 +247,13 @@ class Pipeline:
                 planned.append((site, decision))
         planned = self._fit(model, spec, planned)
         try:
-            rewrites = write_beside(model, spec, planned)
+            rewrites = write_beside(model, spec, planned, self.target)
         except AttnRewriteError:
             raise
         except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
             raise PassError(f"pass {spec.label()} failed while rewriting (after {' → '.join(done) or 'no passes'}): {exc}") from exc
-        outcomes = {r.site.id: SiteOutcome(r.site.id, "rewritten", plan=r.plan.summary() or None) for r in rewrites}
+        outcomes = {r.site.id: SiteOutcome(r.site.id, "rewritten", plan=r.plan.summary() or None, target=r.target)
+                    for r in rewrites}
 
         # 1) probe: new attention beside the old one, identical inputs → local drift + previous outputs
         site_names = [r.site.output.name for r in rewrites] + [r.probe_name for r in rewrites]
