@@ -12,7 +12,7 @@ Goals (issue 11): window and neighbourhood at least 0.9× FlexAttention's speed,
 density 0.25 at least 2.5× faster than dense SDPA.
 
     python benchmarks/gpu.py                      # needs CUDA; writes --json if given
-    TRITON_INTERPRET=1 python benchmarks/gpu.py --smoke    # CPU: tiny shapes, eager flex, no timing claims
+    python benchmarks/gpu.py --smoke               # CPU: tiny shapes, eager flex, no timing claims
 """
 
 from __future__ import annotations
@@ -217,10 +217,14 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time the block-sparse launch options (GPU)")
     parser.add_argument("--json", help="write rows, checks and device to this file")
     args = parser.parse_args()
+    if args.smoke:  # before anything imports triton: the mode is fixed at its import (plugins/loader.py)
+        from attnrewrite.plugins.loader import use_interpreter
+
+        use_interpreter()
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
+        sys.exit("benchmarks/gpu.py needs a CUDA GPU (or --smoke on CPU)")
     meta = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (interpreter, smoke)",
             "dtype": "float32" if args.smoke else "float16", "heads": 2 if args.smoke else args.heads,
             "head_dim": 16 if args.smoke else 64, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

@@ -88,21 +88,25 @@ def signature(fn, dtype: str, constants: dict) -> dict[str, str]:
 
 def compile_variant(variant: Variant, arch: str) -> dict:
     """PTX for one variant and architecture, plus what a launcher needs to know about it."""
+    if arch not in ARCHES:
+        raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHES)}.")
+    return compile_kernel(variant.kernel, variant.dtype, dict(variant.constants), ARCHES[arch], variant.num_warps)
+
+
+def compile_kernel(kernel: str, dtype: str, constants: dict, capability: int | None = None, num_warps: int = 4) -> dict:
+    """`triton.compile` of one kernel; `capability=None` targets the GPU of this machine (engine builds)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from attnrewrite.plugins.loader import interpreting, kernels
 
-    if arch not in ARCHES:
-        raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHES)}.")
     if interpreting():
         raise InputError("ahead-of-time compilation needs compiled triton; unset TRITON_INTERPRET.")
-    fn = getattr(kernels(), variant.kernel)
-    constants = dict(variant.constants)
-    source = ASTSource(fn, signature(fn, variant.dtype, constants), constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHES[arch], 32),
-                              options={"num_warps": variant.num_warps, "num_stages": 2})
+    fn = getattr(kernels(), kernel)
+    source = ASTSource(fn, signature(fn, dtype, constants), constexprs=constants)
+    target = GPUTarget("cuda", capability, 32) if capability is not None else None
+    compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": 2})
     meta = compiled.metadata
     return {"ptx": compiled.asm["ptx"], "symbol": meta.name, "num_warps": meta.num_warps,
             "shared_bytes": meta.shared, "arguments": [a for a in fn.arg_names if a not in constants]}

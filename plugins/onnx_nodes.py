@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
 
 from attnrewrite.plugins.catalog import PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, by_plugin
@@ -67,7 +66,7 @@ def plugin_call(pass_name: str, site: AttentionSite, plan: Plan) -> PluginCall |
         return "the kernels keep prefix tokens global (prefix=local has no kernel)"
     if site.suffix_tokens:
         return "tokens after the grid have no kernel layout"
-    grid, prefix = plan.grid, plan.prefix
+    grid = plan.grid
     if grid is not None and len(grid) != 2:
         return f"the kernels cover 2-D grids and 1-D sequences, not a {len(grid)}-D grid"
     if plugin == "WindowAttention":
@@ -181,3 +180,46 @@ def unused_functions(model: ir.Model) -> list[ir.OperatorIdentifier]:
     called = {(n.domain, n.op_type, n.overload) for n in model.graph}
     return [key for key in model.functions if key[0] == PLUGIN_DOMAIN and key not in called]
 
+
+
+# --- what TensorRT's parser sees -------------------------------------------------------------------
+
+#: the fields each plugin reads (`tensorrt.register_plugins` declares the same names)
+FIELDS = {
+    "WindowAttention": ("grid", "prefix", "window", "shift", "scale"),
+    "NeighborhoodAttention": ("grid", "prefix", "kernel", "dilation", "scale"),
+    "BlockSparseAttention": ("order", "blocks", "block", "kept", "global_prefix", "global_suffix", "qk_bits",
+                             "pv_bits", "smooth_k", "scale"),
+}
+_PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+
+
+def plugin_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.domain in (PLUGIN_DOMAIN, PLUGIN_NAMESPACE) and n.op_type in FIELDS]
+
+
+def node_fields(node: ir.Node) -> dict:
+    """A plugin node's fields as the plugin receives them (parser attributes left out)."""
+    return {name: attr.value if not isinstance(attr.value, (list, tuple)) else tuple(attr.value)
+            for name, attr in node.attributes.items() if name not in _PARSER_ATTRIBUTES}
+
+
+def strip_bodies(model: ir.Model) -> int:
+    """Make `model` the graph TensorRT must parse: plugin nodes without their ONNX bodies.
+
+    A model-local function named like the node shadows the plugin in TensorRT's parser (§8), so the
+    bodies go; the nodes move to the plugin namespace as their domain, which TensorRT ≥ 10.10 also
+    reads as the namespace, so domain and `plugin_namespace` agree. Returns the number of plugin nodes."""
+    nodes = plugin_nodes(model)
+    for node in nodes:
+        missing = [f for f in FIELDS[node.op_type] if f not in node.attributes]
+        if missing or node.attributes.get("plugin_namespace") is None:
+            raise ValueError(f"plugin node {node.name} ({node.op_type}) lacks {', '.join(missing) or 'plugin_namespace'}")
+        node.domain = PLUGIN_NAMESPACE
+        node.overload = ""
+    for key in [k for k in model.functions if k[0] == PLUGIN_DOMAIN]:
+        del model.functions[key]
+    model.opset_imports.pop(PLUGIN_DOMAIN, None)
+    if nodes:
+        model.opset_imports[PLUGIN_NAMESPACE] = 1
+    return len(nodes)

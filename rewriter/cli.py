@@ -15,6 +15,7 @@ import traceback
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from attnrewrite import __version__
 from attnrewrite.errors import AttnRewriteError, InputError, NoAttentionFound
@@ -52,6 +53,7 @@ def cli() -> None:
       attnrewrite audit a.onnx b.onnx --budget 'cosine>=0.999'
       attnrewrite bench a.onnx b.onnx
       attnrewrite kernels check --interpret       fused GPU kernels vs their references
+      attnrewrite m.onnx --pass window --target tensorrt; attnrewrite build m.window.trt.onnx --engine m.plan
 
     Exit codes: 0 ok, 1 accuracy budget exceeded, 2 usage/input error, 3 runtime failure,
     4 no attention found.
@@ -325,9 +327,11 @@ class _status:
 
 
 def _add_kernels() -> None:
+    from attnrewrite.build_cli import build_cmd
     from attnrewrite.kernels_cli import kernels_cmd
 
     cli.add_command(kernels_cmd)
+    cli.add_command(build_cmd)
 
 
 _add_kernels()
@@ -348,18 +352,18 @@ def _run_mapped(invoke) -> int:
         stderr.print("aborted.")
         return 3
     except click.ClickException as exc:
-        stderr.print(f"[red]error:[/red] {exc.format_message()}", highlight=False)
+        stderr.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False)
         return 2
     except AttnRewriteError as exc:
         color = "yellow" if exc.exit_code in (1, 4) else "red"
-        stderr.print(f"[{color}]{_label(exc)}:[/{color}] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[{color}]{_label(exc)}:[/{color}] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         return 3
     except Exception as exc:  # noqa: BLE001 - the documented contract is one sentence, exit 3
         if os.environ.get("ATTNREWRITE_DEBUG"):
             traceback.print_exc()
-        stderr.print(f"[red]runtime failure:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]runtime failure:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 3
     return 0
 

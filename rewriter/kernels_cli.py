@@ -80,7 +80,7 @@ def check_cmd(interpret: bool, dtypes: tuple[str, ...], as_json: bool) -> None:
     else:
         _print_results(results, device)
     if bad:
-        worst = max(bad, key=lambda r: r.max_error / r.tolerance)
+        worst = max(bad, key=lambda r: r.max_error / max(r.tolerance, 1e-30))
         raise BudgetExceeded(f"{len(bad)} of {len(results)} kernel checks exceed their tolerance; worst: {worst.kernel} "
                              f"({worst.case}, {worst.dtype}) max error {worst.max_error:.2e} > {worst.tolerance:.1e}.")
 

@@ -9,6 +9,11 @@ across runs and pytest-xdist workers; see `tests/fixtures/export.py`.
 from __future__ import annotations
 
 import os
+
+# Triton decides interpreted vs compiled once, at import (plugins/loader.py): the kernel tests run on
+# CPU tensors in the interpreter, so choose it before anything imports triton. Ahead-of-time
+# compilation runs in subprocesses without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 from typing import Callable, Iterable
 
