@@ -165,3 +165,35 @@ def test_biased_sites_stay_plain_onnx():
     spec = parse_pass("window:size=4x4")
     call = onnx_nodes.plugin_call(spec.name, site, spec.applies(site))
     assert isinstance(call, str) and "bias" in call
+
+
+def _body_model(model: ir.Model, node: ir.Node, dims: list[int]) -> ir.Model:
+    """A model that calls one plugin node's local function on fresh `q, k, v` inputs of `dims`."""
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([ir.Value(name=n, shape=ir.Shape(dims), type=f32) for n in "qkv"], [], nodes=[],
+                     opset_imports=dict(model.opset_imports), name="plugin_body")
+    out = ir.Value(name="out", shape=ir.Shape(dims), type=f32)
+    graph.append(ir.Node(node.domain, node.op_type, list(graph.inputs), [], overload=node.overload, outputs=[out]))
+    graph.outputs.append(out)
+    wrapper = ir.Model(graph, ir_version=10)
+    function = model.functions[(node.domain, node.op_type, node.overload)]
+    wrapper.functions[function.identifier()] = function
+    return wrapper
+
+
+@pytest.mark.parametrize("spec", ["window:size=4x4,shift=half", "neighborhood:kernel=3,dilation=2"])
+def test_plugin_nodes_on_a_real_export_equal_their_bodies(capsys, tmp_path, export, spec):
+    """DINOv2 with 4 register tokens, exported by torch.onnx (dynamo, opset 23): 5 prefix tokens."""
+    from attnrewrite.cli import main
+
+    out = tmp_path / "t.onnx"
+    assert main([str(export("dinov2_reg4", "dynamo23")), "--pass", spec, "--target", "tensorrt", "-o", str(out)]) == 0
+    capsys.readouterr()
+    model = ir.load(out)
+    nodes = onnx_nodes.plugin_nodes(model)
+    assert nodes and all(onnx_nodes.node_fields(n)["prefix"] == 5 for n in nodes)
+    for node in nodes:
+        dims = [d if isinstance(d, int) else 1 for d in node.inputs[0].shape]
+        arrays = _arrays(dims)
+        body = _run_body(_body_model(model, node, dims), arrays)
+        assert np.abs(_run_kernel(node, arrays) - body).max() < 1e-5, node.name
