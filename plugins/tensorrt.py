@@ -96,12 +96,17 @@ def _described(plugin, fields, body, role, *, outputs=False, stream=False, tacti
     if tactic:
         params.append(inspect.Parameter("tactic", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int))
 
-    def bound(*args, **kwargs):
-        values = inspect.Signature(params).bind(*args, **kwargs).arguments
-        return body(values)
+    returns = {"desc": tensor, "autotune": typing.List[trtp.AutoTuneCombination], "impl": None,
+               "aot_impl": typing.Tuple[typing.Union[str, bytes], typing.Union[str, bytes], trtp.KernelLaunchParams,
+                                        trtp.SymExprs]}[role]
+    signature = inspect.Signature(params, return_annotation=returns)
 
-    bound.__signature__ = inspect.Signature(params)
-    bound.__name__ = f"{plugin}_{role}"
+    def bound(*args, **kwargs):
+        return body(signature.bind(*args, **kwargs).arguments)
+
+    bound.__signature__ = signature
+    bound.__annotations__ = {**{p.name: p.annotation for p in params}, "return": returns}
+    bound.__name__ = bound.__qualname__ = f"{plugin}_{role}"
     return bound
 
 

@@ -83,6 +83,11 @@ def test_sites_without_a_kernel_are_reported_and_stay_plain(capsys, tmp_path, vi
     assert targets == ["plain ONNX: the kernels keep prefix tokens global (prefix=local has no kernel)"] * 2
     proto = onnx.load(tmp_path / "o.onnx")
     assert not proto.functions and all(n.domain != PLUGIN_DOMAIN for n in proto.graph.node)
+    rc, _, _ = run(capsys, model, "--pass", "window:size=4x4,prefix=local", "--target", "tensorrt",
+                   "-o", tmp_path / "o.onnx", "--force", "--report", tmp_path / "report")
+    assert rc == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| TensorRT |" in markdown and "prefix=local has no kernel" in markdown
 
 
 def test_fallback_drops_the_bodies_of_reverted_sites(capsys, tmp_path, vit):
