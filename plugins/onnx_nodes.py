@@ -22,7 +22,6 @@ from attnrewrite.plugins.catalog import PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_
 from attnrewrite.registry import Plan
 from attnrewrite.site import AttentionSite
 
-TARGETS = ("onnxruntime", "tensorrt")
 #: plugins whose TensorRT implementation is ahead-of-time PTX (one kernel); the rest run the JIT impl
 AOT_PLUGINS = ("WindowAttention", "NeighborhoodAttention")
 

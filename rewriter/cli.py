@@ -181,6 +181,9 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     budgets = _budgets(budget_texts)
     if fallback and not budgets:
         raise InputError("--fallback needs at least one --budget to aim for.")
+    if target == "tensorrt" and len(specs) > 1:
+        # each pass starts by inlining local functions, which would dissolve the plugin nodes of the last
+        raise InputError("--target tensorrt takes one --pass (write the other passes first, then rewrite that model).")
     out = output or default_output(model, specs, target)
     if os.path.abspath(out) == os.path.abspath(model):
         raise InputError("refusing to write the output over the input model; choose another -o.")

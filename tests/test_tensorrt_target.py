@@ -132,6 +132,13 @@ def test_build_without_tensorrt_writes_the_plugin_graph_and_exits_2(capsys, tmp_
     assert rc == 2 and "already exists" in err
 
 
+def test_tensorrt_target_takes_one_pass(capsys, tmp_path, vit):
+    model, _ = vit
+    rc, _, err = run(capsys, model, "--pass", "sdpa", "--pass", "window:size=4x4", "--target", "tensorrt",
+                     "-o", tmp_path / "o.onnx")
+    assert rc == 2 and "one --pass" in err and not (tmp_path / "o.onnx").exists()
+
+
 def test_build_usage_errors(capsys, tmp_path, vit):
     model, _ = vit
     rc, _, err = run(capsys, "build", model, "--engine", tmp_path / "e.plan", "--fp16", "--int8")
