@@ -24,8 +24,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from attnrewrite.passes.linear_fit import FeatureMaps, fit_feature_maps, hedgehog_reference
 from attnrewrite.passes.ops import const, float_type, key_row, reduce, softmax_attention
-from attnrewrite.registry import BasePass, Param, Plan, positive_float
+from attnrewrite.registry import BasePass, Param, Plan, non_negative_int, positive_float, positive_int
 from attnrewrite.site import AttentionSite
 
 
@@ -36,15 +37,26 @@ def feature_map(t: ir_tape.Tape, x: ir.Value, phi: str, dtype=np.float32) -> ir.
     return t.op("Relu", [x])
 
 
+def hedgehog_map(t: ir_tape.Tape, x: ir.Value, w: np.ndarray, b: np.ndarray, dtype) -> ir.Value:
+    """[softmax(xW+b), softmax(−xW−b)] per head with fitted W [h, d, m], b [h, 1, m] (`linear_fit.py`)."""
+    z = t.op("Add", [t.op("MatMul", [x, const(t, w[None], dtype)]), const(t, b[None], dtype)])
+    return t.op("Concat", [t.op("Softmax", [z], attributes={"axis": -1}),
+                           t.op("Softmax", [t.op("Neg", [z])], attributes={"axis": -1})], attributes={"axis": -1})
+
+
 def linear_attention(
     t: ir_tape.Tape, graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, phi: str,
-    eps: float, key_weight: ir.Value | None = None, dtype=None,
+    eps: float, key_weight: ir.Value | None = None, dtype=None, maps=None,
 ) -> ir.Value:
-    """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`."""
+    """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`.
+    `maps` (fitted `FeatureMaps`) replace the fixed φ; they act on raw Q/K (the scale is learnt)."""
     dtype = dtype or float_type(q)  # a Q sliced on the tape has no type of its own
-    root = const(t, math.sqrt(scale), dtype)
-    fq = feature_map(t, t.op("Mul", [q, root]), phi, dtype)
-    fk = feature_map(t, t.op("Mul", [k, root]), phi, dtype)
+    if maps is not None:
+        fq, fk = hedgehog_map(t, q, maps.wq, maps.bq, dtype), hedgehog_map(t, k, maps.wk, maps.bk, dtype)
+    else:
+        root = const(t, math.sqrt(scale), dtype)
+        fq = feature_map(t, t.op("Mul", [q, root]), phi, dtype)
+        fk = feature_map(t, t.op("Mul", [k, root]), phi, dtype)
     if key_weight is not None:
         fk = t.op("Mul", [fk, key_weight])
     kv = t.op("MatMul", [t.op("Transpose", [fk], attributes={"perm": [0, 1, 3, 2]}), v])  # [B,h,m,dv]
@@ -63,11 +75,15 @@ def phi_reference(x: np.ndarray, phi: str) -> np.ndarray:
     return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))) if phi == "elu1" else np.maximum(x, 0.0)
 
 
-def linear_reference(q, k, v, *, scale: float, phi: str, eps: float, key_weight=None) -> np.ndarray:
-    """φ(√s·q)ᵀ(Σ_j w_j φ(√s·k_j) v_jᵀ) / (φ(√s·q)ᵀ Σ_j w_j φ(√s·k_j) + ε), in float64."""
-    root = np.sqrt(scale)
-    fq = phi_reference(q.astype(np.float64) * root, phi)
-    fk = phi_reference(k.astype(np.float64) * root, phi)
+def linear_reference(q, k, v, *, scale: float, phi: str, eps: float, key_weight=None, maps=None) -> np.ndarray:
+    """φ(√s·q)ᵀ(Σ_j w_j φ(√s·k_j) v_jᵀ) / (φ(√s·q)ᵀ Σ_j w_j φ(√s·k_j) + ε), in float64; with fitted
+    `maps`, φ_q(q) and φ_k(k) of `linear_fit.hedgehog_reference` instead."""
+    if maps is not None:
+        fq, fk = hedgehog_reference(q, maps.wq, maps.bq), hedgehog_reference(k, maps.wk, maps.bk)
+    else:
+        root = np.sqrt(scale)
+        fq = phi_reference(q.astype(np.float64) * root, phi)
+        fk = phi_reference(k.astype(np.float64) * root, phi)
     if key_weight is not None:
         fk = fk * key_weight
     kv = np.swapaxes(fk, -1, -2) @ v.astype(np.float64)
@@ -110,9 +126,15 @@ def fit_output_correction(approx: np.ndarray, target: np.ndarray, ridge: float) 
 
 @dataclasses.dataclass(frozen=True)
 class LinearPlan(Plan):
-    """`correction` is the per-head `(R [h, d, d], b [h, 1, d])` that `fit=ridge` fitted, once fitted."""
+    """`correction` is the per-head `(R [h, d, d], b [h, 1, d])` that `fit=ridge` fitted, once fitted;
+    `maps` the feature maps `phi=fitted` fitted, with `fit_report` (held-out KL/cosine per head)."""
 
     correction: tuple[np.ndarray, np.ndarray] | None = None
+    maps: FeatureMaps | None = None
+    fit_report: dict | None = None
+
+    def summary(self) -> dict:
+        return dict(self.fit_report or {})
 
 
 class LinearPass(BasePass):
@@ -120,7 +142,13 @@ class LinearPass(BasePass):
     exact = False
     description = "kernelised linear attention φ(Q)(φ(K)ᵀV) with φ = elu+1 or relu; cost linear in tokens"
     params = (
-        Param("phi", str, "elu1", "feature map", choices=("elu1", "relu")),
+        Param("phi", str, "elu1", "feature map; fitted: Hedgehog maps fitted per head on calibration activations",
+              choices=("elu1", "relu", "fitted")),
+        Param("dim", positive_int, 64, "phi=fitted: features per map half (2·dim features)"),
+        Param("steps", positive_int, 300, "phi=fitted: Adam steps per site"),
+        Param("objective", str, "attn", "phi=fitted: attn (KL to softmax weights, Hedgehog) or output (MSE, LoLCATs)",
+              choices=("attn", "output")),
+        Param("seed", non_negative_int, 0, "phi=fitted: initialisation and row sampling seed"),
         Param("eps", positive_float, 1e-6, "added to the normaliser"),
         Param("prefix", str, "linear", "exact: prefix tokens (CLS, registers) keep softmax attention",
               choices=("linear", "exact")),
@@ -129,14 +157,28 @@ class LinearPass(BasePass):
         Param("ridge", positive_float, 1e-2, "ridge strength for fit=ridge (relative to feature energy)"),
     )
 
-    def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], plan: LinearPlan) -> LinearPlan:
-        """Fit the output correction from this site's calibration Q, K, V, bias and softmax output."""
+    def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], plan: LinearPlan) -> LinearPlan | str:
+        """Fit the feature maps and/or the output correction on this site's calibration Q, K, V, bias and
+        softmax output; a string (the reason) when fitting failed and the site keeps its attention."""
         options = plan.options
         q, k, v, target = acts["q"], acts["k"], acts["v"], acts["output"]
         weight = key_weight_reference(acts.get("bias"))
         prefix = (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
+        if options["phi"] == "fitted":
+            result = fit_feature_maps(q, k, v, target, scale=site.scale, dim=options["dim"], steps=options["steps"],
+                                      objective=options["objective"], seed=options["seed"], prefix=prefix,
+                                      key_weight=weight)
+            if result.failure:
+                return f"phi=fitted: {result.failure}; the site keeps its softmax attention"
+            report = {"fitted with": result.backend,
+                      "held-out weight KL before (elu1)": result.kl_before, "held-out weight KL after": result.kl_after,
+                      "held-out output cosine before (elu1)": result.cosine_before,
+                      "held-out output cosine after": result.cosine_after}
+            plan = dataclasses.replace(plan, maps=result.maps, fit_report=report)
+        if options["fit"] != "ridge":
+            return plan
         approx = linear_reference(q[:, :, prefix:], k, v, scale=site.scale, phi=options["phi"], eps=options["eps"],
-                                  key_weight=weight)
+                                  key_weight=weight, maps=plan.maps)
         return dataclasses.replace(plan, correction=fit_output_correction(approx, target[:, :, prefix:], options["ridge"]))
 
     def applies(self, site: AttentionSite, options: dict) -> str | LinearPlan:
@@ -144,7 +186,8 @@ class LinearPass(BasePass):
             return f"{site.bias_kind} bias varies per query (e.g. relative positions or window masks); linear attention can only weight keys"
         if options["prefix"] == "exact" and site.prefix_tokens is None:
             return "prefix=exact needs known prefix tokens (no patch grid traced)"
-        return LinearPlan(options, needs_fit=options["fit"] == "ridge")
+        fitted = options["phi"] == "fitted"
+        return LinearPlan(options, needs_fit=options["fit"] == "ridge" or fitted, needs_calibration=fitted)
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: LinearPlan) -> ir.Value:
         t = ir_tape.Tape(graph)
@@ -161,7 +204,8 @@ class LinearPass(BasePass):
         prefix = site.prefix_tokens or 0
         if options["prefix"] != "exact" or prefix == 0:
             out = linear_attention(
-                t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight
+                t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight,
+                maps=plan.maps,
             )
             return _corrected(t, out, plan.correction, float_type(site.q))
         q_len = site.q_len if site.q_len is not None else np.iinfo(np.int64).max
@@ -170,7 +214,7 @@ class LinearPass(BasePass):
         exact = softmax_attention(t, q_prefix, site.k, site.v, site.scale, site.bias, float_type(site.q))
         lin = linear_attention(
             t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight,
-            dtype=float_type(site.q),
+            dtype=float_type(site.q), maps=plan.maps,
         )
         return t.op("Concat", [exact, _corrected(t, lin, plan.correction, float_type(site.q))], attributes={"axis": 2})
 

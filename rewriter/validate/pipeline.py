@@ -245,7 +245,8 @@ class Pipeline:
                 report.sites.append(SiteOutcome(site.id, "skipped", decision))
             else:
                 planned.append((site, decision))
-        planned = self._fit(model, spec, planned)
+        planned, declined = self._fit(model, spec, planned)
+        report.sites.extend(SiteOutcome(site_id, "skipped", reason) for site_id, reason in declined)
         try:
             rewrites = write_beside(model, spec, planned, self.target)
         except AttnRewriteError:
@@ -289,11 +290,14 @@ class Pipeline:
         return report
 
     def _fit(self, model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionSite, Plan]]
-             ) -> list[tuple[AttentionSite, Plan]]:
-        """Let a pass fit per-site constants on the sites' calibration activations (first batches)."""
+             ) -> tuple[list[tuple[AttentionSite, Plan]], list[tuple[str, str]]]:
+        """Let a pass fit per-site constants on the sites' calibration activations (first batches).
+
+        Returns the fitted plans and the sites whose fit declined (a fit that diverged keeps the
+        site's original attention, with the reason, rather than writing NaN constants)."""
         sites = [site for site, plan in planned if plan.needs_fit]
         if not sites:
-            return planned
+            return planned, []
         if not self.batches:
             raise InputError(f"pass {spec.label()} fits on calibration data, and there is none.")
         if not self.calibrated and any(plan.needs_calibration for _, plan in planned):
@@ -309,7 +313,7 @@ class Pipeline:
         batches = self.batches[: self.fit_batches]
         with self.progress.task(f"{spec.label()}: calibration activations", len(batches)) as tick:
             values = run_batches(session, batches, wanted, tick)
-        fitted = []
+        fitted, declined = [], []
         for site, plan in planned:
             if plan.needs_fit:
                 acts = {role: values[name] for role, name in names[site.id].items()}
@@ -319,8 +323,11 @@ class Pipeline:
                                          f"inf, so pass {spec.label()} cannot fit on them; check the --calib inputs.")
                 acts["output"] = output_as_bhnd(site.output_layout, site.num_heads, acts["output"])
                 plan = spec.impl.fit(site, acts, plan)
+                if isinstance(plan, str):
+                    declined.append((site.id, plan))
+                    continue
             fitted.append((site, plan))
-        return fitted
+        return fitted, declined
 
     def _check_bias_rows(self, model: ir.Model, sites: list[AttentionSite]) -> list[AttentionSite]:
         """Mark input-dependent biases whose rows are identical on real inputs as per-key.
