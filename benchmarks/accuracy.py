@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                     # both models, every pass below (~10 min on 2 cores)
     python benchmarks/accuracy.py --only digits --out bench-out/accuracy
     python benchmarks/accuracy.py --suite quant       # int8 / int4 / paro rows instead (~12 min)
+    python benchmarks/accuracy.py --suite linear      # fixed vs fitted feature maps (phi=fitted)
 
 Drift on random-weight fixtures says a rewrite is wired right; only trained weights say what it costs.
 Two real models, no downloads:
@@ -52,6 +53,13 @@ QUANT_DIGITS = ["int8", "int4", "quant:pv=fp", "quant:bits=4,pv=int8", "int8:sca
 #: text has no grid: reordering falls back to `none`, so only one row per density and width
 QUANT_MINILM = ["int8", "int4", "quant:pv=fp", "quant:bits=4,pv=int8", "int8:scales=static,granularity=head",
                 *(p for p in PARO_GRID if p.endswith("none"))]
+#: `--suite linear`: fixed feature maps vs maps fitted on calibration activations (issue 12)
+LINEAR_FITTED = ["linear", "linear:phi=relu", *(f"linear:phi=fitted,dim={m}" for m in (16, 32, 64))]
+LINEAR_DIGITS = [*LINEAR_FITTED, "linear:phi=fitted,dim=32,objective=output", "linear:prefix=exact,fit=ridge",
+                 "linear:phi=fitted,dim=32,prefix=exact,fit=ridge"]
+LINEAR_MINILM = [*LINEAR_FITTED, "linear:phi=fitted,dim=32,objective=output"]
+SUITES = {"spatial": (DIGITS_PASSES, MINILM_PASSES), "quant": (QUANT_DIGITS, QUANT_MINILM),
+          "linear": (LINEAR_DIGITS, LINEAR_MINILM)}
 FALLBACK = {"digits": ["neighborhood:kernel=5", "window:size=4x4"], "minilm": ["window:size=16", "neighborhood:kernel=17"]}
 
 SEQ = 64
@@ -140,7 +148,7 @@ def digits_rows(out: Path, epochs: int, suite: str = "spatial") -> list[dict]:
     model, data, labels, calib = Path(p["model"]), p["data"], p["labels"], Path(p["calib"])
     base = evaluate_onnx(model, data, labels)
     rows = [{"model": "digits", "pass": "original", "top1": base, "sites": "-"}]
-    for spec in QUANT_DIGITS if suite == "quant" else DIGITS_PASSES:
+    for spec in SUITES[suite][0]:
         target, doc, err = rewrite(model, spec, calib, out)
         rows.append(_digits_row(spec, target, doc, err, model, data, labels, evaluate_onnx))
     for spec in FALLBACK["digits"] if suite == "spatial" else ():
@@ -195,7 +203,7 @@ def export_minilm(out: Path) -> tuple[Path, Path, Path]:
 def minilm_rows(out: Path, suite: str = "spatial") -> list[dict]:
     model, calib, held = export_minilm(out)
     rows = []
-    for spec in QUANT_MINILM if suite == "quant" else MINILM_PASSES:
+    for spec in SUITES[suite][1]:
         rows.append(_minilm_row(spec, *rewrite(model, spec, calib, out), model, held))
     for spec in FALLBACK["minilm"] if suite == "spatial" else ():
         target, doc, err = rewrite(model, spec, calib, out, "--budget", "sentence_embedding:cosine>=0.99", "--fallback")
@@ -250,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "accuracy")
     ap.add_argument("--only", choices=("digits", "minilm"))
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--suite", choices=("spatial", "quant"), default="spatial",
-                    help="spatial: window/neighbourhood/linear passes; quant: int8/int4/paro")
+    ap.add_argument("--suite", choices=tuple(SUITES), default="spatial",
+                    help="spatial: window/neighbourhood/linear passes; quant: int8/int4/paro; linear: fitted maps")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
