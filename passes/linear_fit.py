@@ -19,7 +19,7 @@ import numpy as np
 
 from attnrewrite.errors import InputError
 
-#: query rows per head sampled for the weight objective (memory: rows × keys per sample)
+#: query rows sampled for fitting and the held-out report (memory: rows × keys per sample and head)
 MAX_QUERY_ROWS = 256
 
 
@@ -124,12 +124,11 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
     maps = FeatureMaps(*(p.detach().numpy().astype(np.float32) for p in params))
     if not all(np.isfinite(x).all() for x in dataclasses.astuple(maps)):
         return FitResult(None, "torch", [], [], [], [], failure="the fit produced non-finite weights")
-    with torch.no_grad():
-        all_rows = torch.arange(prefix, n)
-        soft = teacher(held, all_rows)
-        y = t["y"][held][:, :, all_rows]
-        a_after, o_after = weights_and_output(held, all_rows)
-        a_before, o_before = _elu_weights(t, held, all_rows, root, weight, samples)
+    with torch.no_grad():  # held-out samples, the same sampled query rows (bounded memory at 4k tokens)
+        soft = teacher(held, rows)
+        y = t["y"][held][:, :, rows]
+        a_after, o_after = weights_and_output(held, rows)
+        a_before, o_before = _elu_weights(t, held, rows, root, weight, samples)
         return FitResult(maps, "torch", _kl(soft, a_before), _kl(soft, a_after), _cos(y, o_before), _cos(y, o_after))
 
 
