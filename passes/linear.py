@@ -12,7 +12,8 @@ whole image and are what a classifier head reads.
 
 `fit=ridge` calibrates the map to mimic softmax (ALGORITHMS.md §6, recipe B): per head, an affine
 output correction `O·R_h + b_h` ridge-fitted on calibration activations so the linear output
-matches the softmax output it replaces; numpy-only and exact to export.
+matches the softmax output it replaces; numpy-only and exact to export. `phi=fitted` replaces the
+fixed map with per-head Hedgehog maps fitted on calibration activations (`linear_fit.py`, recipe A).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def linear_attention(
     """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`.
     `maps` (fitted `FeatureMaps`) replace the fixed φ; they act on raw Q/K (the scale is learnt)."""
     dtype = dtype or float_type(q)  # a Q sliced on the tape has no type of its own
+    if phi == "fitted" and maps is None:
+        raise ValueError("phi=fitted needs fitted maps; the pipeline fits them before rewriting")
     if maps is not None:
         fq, fk = hedgehog_map(t, q, maps.wq, maps.bq, dtype), hedgehog_map(t, k, maps.wk, maps.bk, dtype)
     else:
