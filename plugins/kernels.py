@@ -78,16 +78,24 @@ def _attend_range(q, acc, m_i, l_i, k_base, v_base, key0, n_keys, stride_n, qk_s
 
 
 @triton.jit
+def _attend_first(q, k_base, v_base, n_keys, stride_n, qk_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fresh online-softmax state after attending to keys [0, n_keys): the prefix (global) keys every
+    query sees, or all keys for the dense prefix rows."""
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    return _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, n_keys, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
 def _dense_rows(q_base, k_base, v_base, o_base, row0, n_rows, n_keys, stride_n, qk_scale,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows [row0, row0 + BLOCK_M) ∩ [0, n_rows) attend to all keys: the global (prefix) queries."""
     rows = row0 + tl.arange(0, BLOCK_M)
     ok = rows < n_rows
     q = _load_rows(q_base, rows, ok, stride_n, D, BLOCK_D)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, n_keys, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+    acc, m_i, l_i = _attend_first(q, k_base, v_base, n_keys, stride_n, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D)
     _store_rows(o_base, rows, ok, acc, l_i, stride_n, D, BLOCK_D)
 
 
@@ -135,10 +143,7 @@ def _window_program(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride_n, he
         q_ok = m < area
         q_tok = P + (y0 + m // width) * GW + x0 + m % width
         q = _load_rows(q_base, q_tok, q_ok, stride_n, D, BLOCK_D)
-        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, P, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _attend_first(q, k_base, v_base, P, stride_n, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D)
         for start in range(0, area, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             ok = j < area
@@ -207,10 +212,7 @@ def _neighborhood_program(q_ptr, k_ptr, v_ptr, o_ptr, stride_b, stride_h, stride
         width = rx1 - rx0
         area = (ry1 - ry0) * width
         q = _load_rows(q_base, q_tok, q_ok, stride_n, D, BLOCK_D)
-        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_base, v_base, 0, P, stride_n, qk_scale, D, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _attend_first(q, k_base, v_base, P, stride_n, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D)
         for start in range(0, area, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             ok = j < area
