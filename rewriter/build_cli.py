@@ -42,6 +42,7 @@ def build_cmd(model, engine, fp16, int8, calib, shapes, samples, seed, budget_te
     from attnrewrite.plugins import onnx_nodes, tensorrt
     from attnrewrite.validate import metrics as M
     from attnrewrite.validate.calib import parse_shape_overrides
+    from attnrewrite.validate.report import atomic_write
 
     if fp16 and int8:
         raise InputError("choose one of --fp16 and --int8.")
@@ -69,7 +70,7 @@ def build_cmd(model, engine, fp16, int8, calib, shapes, samples, seed, budget_te
     overrides = {k: tuple(v) for k, v in parse_shape_overrides(list(shapes)).items()}
     serialized = tensorrt.build_engine(parser_graph, fp16=fp16, int8_batches=calibration.batches if int8 else None,
                                        shapes=overrides)
-    _write_atomically(Path(engine), serialized)
+    atomic_write(Path(engine), serialized)
     measured = tensorrt.run_engine(serialized, calibration.batches, names)
     metrics = M.compare_outputs(reference, measured)
     failures = [str(f) for f in M.check_budgets(budgets, metrics)]
@@ -95,11 +96,3 @@ def _check_structure(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"the plugin graph {path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -58,16 +58,22 @@ def write_report(directory: str | os.PathLike, document: dict) -> Path:
     """Write report.json and report.md into `directory` (created if needed), each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "report.json", json.dumps(clean(document), indent=2))
-    _atomic_write(directory / "report.md", to_markdown(document))
+    atomic_write(directory / "report.json", json.dumps(clean(document), indent=2))
+    atomic_write(directory / "report.md", to_markdown(document))
     return directory
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` beside `path`, then rename: a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
