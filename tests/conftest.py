@@ -111,3 +111,17 @@ def ort_run(model, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None =
 def relative_max_error(got: np.ndarray, ref: np.ndarray) -> float:
     """max|got - ref| / max|ref|: one number that is comparable across outputs of different scale."""
     return float(np.abs(got.astype(np.float64) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def vit32(tmp_path_factory) -> tuple[Path, Path]:
+    """(model, calib.npz): the torch-free synthetic ViT at 32×32 (8×8 grid + CLS, 2 layers, 2 heads) and
+    8 seeded calibration images; shared by the tests of plugin targets and fitted linear maps."""
+    from attnrewrite.synthetic import vit
+
+    folder = tmp_path_factory.mktemp("vit32")
+    path = folder / "vit.onnx"
+    onnx.save(vit(depth=2, img=(32, 32), patch=4, dim=32, heads=2), path)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    return path, calib

@@ -87,18 +87,6 @@ def test_held_out_split_keeps_a_quarter():
     assert F.split(1) == (slice(0, 1), slice(0, 1))
 
 
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory):
-    from attnrewrite.synthetic import vit as synthetic_vit
-
-    folder = tmp_path_factory.mktemp("fitted")
-    path = folder / "vit.onnx"
-    onnx.save(synthetic_vit(depth=2, img=(32, 32), patch=4, dim=32, heads=2), path)
-    calib = folder / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
-    return path, calib
-
-
 def _run(capsys, *args):
     from attnrewrite.cli import main
 
@@ -107,8 +95,8 @@ def _run(capsys, *args):
     return rc, out, err
 
 
-def test_cli_reports_held_out_fit_per_head_and_beats_elu1(capsys, tmp_path, vit):
-    model, calib = vit
+def test_cli_reports_held_out_fit_per_head_and_beats_elu1(capsys, tmp_path, vit32):
+    model, calib = vit32
     rc, out, err = _run(capsys, model, "--pass", "linear:phi=fitted,dim=16,steps=150", "--calib", calib,
                         "-o", tmp_path / "f.onnx", "--json")
     assert rc == 0, err
@@ -121,14 +109,14 @@ def test_cli_reports_held_out_fit_per_head_and_beats_elu1(capsys, tmp_path, vit)
     assert p["metrics_vs_original"]["logits"]["cosine"] > elu
 
 
-def test_cli_refuses_fitting_on_random_inputs(capsys, tmp_path, vit):
-    model, _ = vit
+def test_cli_refuses_fitting_on_random_inputs(capsys, tmp_path, vit32):
+    model, _ = vit32
     rc, _, err = _run(capsys, model, "--pass", "linear:phi=fitted", "-o", tmp_path / "x.onnx")
     assert rc == 2 and "--calib" in err
 
 
-def test_cli_keeps_softmax_where_the_fit_diverged(capsys, tmp_path, vit, monkeypatch):
-    model, calib = vit
+def test_cli_keeps_softmax_where_the_fit_diverged(capsys, tmp_path, vit32, monkeypatch):
+    model, calib = vit32
     diverged = F.FitResult(None, "torch", [], [], [], [], failure="the fit diverged (non-finite loss)")
     monkeypatch.setattr(L, "fit_feature_maps", lambda *a, **kw: diverged)
     rc, out, err = _run(capsys, model, "--pass", "linear:phi=fitted,dim=8,steps=1", "--calib", calib,

@@ -8,7 +8,6 @@ the `require_tensorrt` step of `build` (the plugin graph it writes and checks) r
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +16,6 @@ import pytest
 from attnrewrite.cli import main
 from attnrewrite.plugins.catalog import PLUGIN_DOMAIN, PLUGIN_NAMESPACE
 from attnrewrite.plugins.tensorrt import NOT_INSTALLED
-from attnrewrite.synthetic import vit as synthetic_vit
 from tests.conftest import ort_run
 
 
@@ -27,23 +25,13 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return rc, out, err
 
 
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("trt")
-    path = folder / "vit.onnx"
-    onnx.save(synthetic_vit(depth=2, img=(32, 32), patch=4, dim=32, heads=2), path)
-    calib = folder / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
-    return path, calib
-
-
 PASSES = ["window:size=4x4,shift=alternate", "neighborhood:kernel=3,dilation=2", "paro:density=0.5,block=32,bits=8"]
 PLUGINS = {"window": "WindowAttention", "neighborhood": "NeighborhoodAttention", "paro": "BlockSparseAttention"}
 
 
 @pytest.mark.parametrize("spec", PASSES)
-def test_tensorrt_target_computes_the_plain_rewrite(capsys, tmp_path, vit, spec):
-    model, calib = vit
+def test_tensorrt_target_computes_the_plain_rewrite(capsys, tmp_path, vit32, spec):
+    model, calib = vit32
     plain, trt = tmp_path / "plain.onnx", tmp_path / "trt.onnx"
     rc, _, err = run(capsys, model, "--pass", spec, "--calib", calib, "-o", plain, "--json")
     assert rc == 0, err
@@ -65,8 +53,8 @@ def test_tensorrt_target_computes_the_plain_rewrite(capsys, tmp_path, vit, spec)
     assert a.keys() == b.keys() and all(np.abs(a[n] - b[n]).max() <= 1e-5 for n in a)
 
 
-def test_default_output_name_marks_the_target(capsys, tmp_path, vit):
-    model, _ = vit
+def test_default_output_name_marks_the_target(capsys, tmp_path, vit32):
+    model, _ = vit32
     copy = tmp_path / "m.onnx"
     copy.write_bytes(model.read_bytes())
     rc, _, err = run(capsys, copy, "--pass", "window:size=4x4", "--target", "tensorrt")
@@ -74,8 +62,8 @@ def test_default_output_name_marks_the_target(capsys, tmp_path, vit):
     assert (tmp_path / "m.window.trt.onnx").exists()
 
 
-def test_sites_without_a_kernel_are_reported_and_stay_plain(capsys, tmp_path, vit):
-    model, _ = vit
+def test_sites_without_a_kernel_are_reported_and_stay_plain(capsys, tmp_path, vit32):
+    model, _ = vit32
     rc, out, err = run(capsys, model, "--pass", "window:size=4x4,prefix=local", "--target", "tensorrt",
                        "-o", tmp_path / "o.onnx", "--json")
     assert rc == 0, err
@@ -90,8 +78,8 @@ def test_sites_without_a_kernel_are_reported_and_stay_plain(capsys, tmp_path, vi
     assert "| TensorRT |" in markdown and "prefix=local has no kernel" in markdown
 
 
-def test_fallback_drops_the_bodies_of_reverted_sites(capsys, tmp_path, vit):
-    model, calib = vit
+def test_fallback_drops_the_bodies_of_reverted_sites(capsys, tmp_path, vit32):
+    model, calib = vit32
     rc, out, err = run(capsys, model, "--pass", "window:size=2x2", "--target", "tensorrt", "--calib", calib,
                        "--budget", "cosine>=0.999999", "--fallback", "-o", tmp_path / "o.onnx", "--json")
     doc = json.loads(out)
@@ -103,14 +91,14 @@ def test_fallback_drops_the_bodies_of_reverted_sites(capsys, tmp_path, vit):
     assert not called & set(kept)
 
 
-def test_build_without_tensorrt_writes_the_plugin_graph_and_exits_2(capsys, tmp_path, vit):
+def test_build_without_tensorrt_writes_the_plugin_graph_and_exits_2(capsys, tmp_path, vit32):
     pytest.importorskip("numpy")
     try:
         import tensorrt  # noqa: F401
         pytest.skip("TensorRT is installed here: the missing-TensorRT path cannot be observed")
     except ImportError:
         pass
-    model, calib = vit
+    model, calib = vit32
     trt_model = tmp_path / "w.trt.onnx"
     assert run(capsys, model, "--pass", "neighborhood:kernel=3", "--target", "tensorrt", "-o", trt_model)[0] == 0
     rc, out, err = run(capsys, "build", trt_model, "--engine", tmp_path / "w.plan")
@@ -132,29 +120,29 @@ def test_build_without_tensorrt_writes_the_plugin_graph_and_exits_2(capsys, tmp_
     assert rc == 2 and "already exists" in err
 
 
-def test_tensorrt_target_takes_one_pass(capsys, tmp_path, vit):
-    model, _ = vit
+def test_tensorrt_target_takes_one_pass(capsys, tmp_path, vit32):
+    model, _ = vit32
     rc, _, err = run(capsys, model, "--pass", "sdpa", "--pass", "window:size=4x4", "--target", "tensorrt",
                      "-o", tmp_path / "o.onnx")
     assert rc == 2 and "one --pass" in err and not (tmp_path / "o.onnx").exists()
 
 
-def test_build_usage_errors(capsys, tmp_path, vit):
-    model, _ = vit
+def test_build_usage_errors(capsys, tmp_path, vit32):
+    model, _ = vit32
     rc, _, err = run(capsys, "build", model, "--engine", tmp_path / "e.plan", "--fp16", "--int8")
     assert rc == 2 and "one of --fp16 and --int8" in err
     rc, _, err = run(capsys, "build", tmp_path / "missing.onnx", "--engine", tmp_path / "e.plan")
     assert rc == 2
 
 
-def test_engine_matches_onnxruntime(capsys, tmp_path, vit):
+def test_engine_matches_onnxruntime(capsys, tmp_path, vit32):
     """Needs TensorRT and an NVIDIA GPU: never runs on this project's machines (see module docstring)."""
     pytest.importorskip("tensorrt", reason="TensorRT cannot be installed on these machines (its libraries "
                                            "package fetches from outside the registry)")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    model, calib = vit
+    model, calib = vit32
     trt_model = tmp_path / "w.trt.onnx"
     assert run(capsys, model, "--pass", "window:size=4x4", "--target", "tensorrt", "-o", trt_model)[0] == 0
     rc, out, err = run(capsys, "build", trt_model, "--engine", tmp_path / "w.plan", "--calib", calib,
