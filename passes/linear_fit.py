@@ -93,26 +93,38 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
         z = x @ w + b
         return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
 
-    def weights_and_output(part, query_rows):
-        qs, ks, vs = t["q"][part][:, :, query_rows], t["k"][part], t["v"][part]
-        fq, fk = features(qs, params[0], params[1]), features(ks, params[2], params[3])
+    def key_weight_of(part):
+        """The per-key weights of these samples (a bias shared by every sample broadcasts)."""
+        return weight if weight is None or weight.shape[0] != samples else weight[part]
+
+    def weights_and_output(part, query_rows, phi_q, phi_k):
+        """Normalised linear weights and output of the given feature maps on these samples and rows."""
+        fq, fk = phi_q(t["q"][part][:, :, query_rows]), phi_k(t["k"][part])
         if weight is not None:
-            fk = fk * weight[part] if weight.shape[0] == samples else fk * weight
+            fk = fk * key_weight_of(part)
         a = fq @ fk.transpose(-1, -2)
         a = a / (a.sum(-1, keepdim=True) + 1e-6)
-        return a, a @ vs
+        return a, a @ t["v"][part]
+
+    def fitted_q(x):
+        return features(x, params[0], params[1])
+
+    def fitted_k(x):
+        return features(x, params[2], params[3])
+
+    def elu1(x):
+        return torch.nn.functional.elu(x * root) + 1
 
     def teacher(part, query_rows):
         logits = scale * t["q"][part][:, :, query_rows] @ t["k"][part].transpose(-1, -2)
         if weight is not None:
-            w = weight[part] if weight.shape[0] == samples else weight
-            logits = logits + torch.log(w.transpose(-1, -2).clamp_min(1e-30))
+            logits = logits + torch.log(key_weight_of(part).transpose(-1, -2).clamp_min(1e-30))
         return torch.softmax(logits, -1)
 
     soft_fit = teacher(fit_part, rows)
     for _ in range(steps):
         optimiser.zero_grad()
-        a, out = weights_and_output(fit_part, rows)
+        a, out = weights_and_output(fit_part, rows, fitted_q, fitted_k)
         if objective == "attn":
             loss = (soft_fit * (torch.log(soft_fit + 1e-12) - torch.log(a + 1e-12))).sum(-1).mean()
         else:
@@ -127,21 +139,9 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
     with torch.no_grad():  # held-out samples, the same sampled query rows (bounded memory at 4k tokens)
         soft = teacher(held, rows)
         y = t["y"][held][:, :, rows]
-        a_after, o_after = weights_and_output(held, rows)
-        a_before, o_before = _elu_weights(t, held, rows, root, weight, samples)
+        a_after, o_after = weights_and_output(held, rows, fitted_q, fitted_k)
+        a_before, o_before = weights_and_output(held, rows, elu1, elu1)
         return FitResult(maps, "torch", _kl(soft, a_before), _kl(soft, a_after), _cos(y, o_before), _cos(y, o_after))
-
-
-def _elu_weights(t, part, rows, root, weight, samples):
-    import torch
-
-    fq = torch.nn.functional.elu(t["q"][part][:, :, rows] * root) + 1
-    fk = torch.nn.functional.elu(t["k"][part] * root) + 1
-    if weight is not None:
-        fk = fk * (weight[part] if weight.shape[0] == samples else weight)
-    a = fq @ fk.transpose(-1, -2)
-    a = a / (a.sum(-1, keepdim=True) + 1e-6)
-    return a, a @ t["v"][part]
 
 
 def _kl(p, q) -> list[float]:
