@@ -8,7 +8,10 @@ training loop. `objective=attn` minimises KL(softmax weights ‖ linear weights)
 the calibration samples is held out: the report shows weight KL and output cosine there, before (elu+1)
 and after fitting, so overfitting is visible.
 
-Fitting uses torch (Adam) when it is installed; without torch the pass says so in one sentence.
+Two optimisers run the same Adam on the same loss from the same numpy initialisation: torch's autograd
+when torch is installed, else a numpy one with the gradient written out (`loss_and_grads`, tested
+against autograd). The report says which ran; everything else (initialisation, row sampling, the
+held-out report) is numpy, so both backends report comparable numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from attnrewrite.errors import InputError
 
 #: query rows sampled for fitting and the held-out report (memory: rows × keys per sample and head)
 MAX_QUERY_ROWS = 256
+#: Adam's constants, torch's defaults, so both backends take the same steps
+BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+#: added to the linear normaliser and inside the KL's logarithms
+NORM_EPS, LOG_EPS = 1e-6, 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,95 +72,209 @@ class FitResult:
     failure: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One site's fitting data on the sampled query rows: `q` [S, h, R, d], `k`/`v` [S, h, N, ·],
+    `y` the softmax output at those rows, `teacher` its weights [S, h, R, N], `weight` the per-key
+    weights [S|1, h|1, N, 1] of a padding bias (or None)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    y: np.ndarray
+    teacher: np.ndarray
+    weight: np.ndarray | None
+    objective: str
+
+
+def make_problem(q, k, v, target, part: slice, rows: np.ndarray, *, scale: float, key_weight, objective: str,
+                 samples: int) -> Problem:
+    weight = None
+    if key_weight is not None:
+        weight = np.asarray(key_weight, np.float32)
+        weight = weight[part] if weight.shape[0] == samples and samples > 1 else weight
+    qr = np.asarray(q[part][:, :, rows], np.float32)
+    kp = np.asarray(k[part], np.float32)
+    with np.errstate(all="ignore"):  # overflowing activations surface as a non-finite loss, reported once
+        logits = scale * qr @ np.swapaxes(kp, -1, -2)
+        if weight is not None:
+            logits = logits + np.log(np.maximum(np.swapaxes(weight, -1, -2), 1e-30))
+        teacher = _softmax(logits).astype(np.float32)
+    return Problem(qr, kp, np.asarray(v[part], np.float32), np.asarray(target[part][:, :, rows], np.float32),
+                   teacher, weight, objective)
+
+
 def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, objective: str, seed: int,
-                     prefix: int = 0, key_weight: np.ndarray | None = None, lr: float = 1e-2) -> FitResult:
-    """Fit per-head maps on the first samples of `q, k, v, target` ([S, h, N, d]); report on the rest."""
-    try:
-        import torch
-    except ImportError:
-        raise InputError("linear:phi=fitted fits with torch, which is not installed (pip install 'attnrewrite[torch]').") from None
+                     prefix: int = 0, key_weight: np.ndarray | None = None, lr: float = 1e-2,
+                     backend: str = "auto") -> FitResult:
+    """Fit per-head maps on the first samples of `q, k, v, target` ([S, h, N, d]); report on the rest.
+    `backend`: auto (torch when installed, else numpy), torch or numpy."""
     samples, heads, n, d = q.shape
     if samples * (n - prefix) < 2 * dim:
         raise InputError(f"phi=fitted with dim={dim} needs at least {2 * dim} calibration query rows per head; "
                          f"this site has {samples * (n - prefix)} ({samples} samples × {n - prefix} tokens): give more "
                          "--calib samples or a smaller dim.")
+    if backend == "auto":
+        backend = "torch" if _has_torch() else "numpy"
     fit_part, held = split(samples)
-    gen = torch.Generator().manual_seed(seed)
-    t = {name: torch.as_tensor(np.asarray(x, np.float32)) for name, x in (("q", q), ("k", k), ("v", v), ("y", target))}
-    weight = torch.as_tensor(np.asarray(key_weight, np.float32)) if key_weight is not None else None
+    rng = np.random.default_rng(seed)
     root = scale ** 0.5
-    params = [torch.randn(heads, d, dim, generator=gen) * root, torch.zeros(heads, 1, dim),
-              torch.randn(heads, d, dim, generator=gen) * root, torch.zeros(heads, 1, dim)]
-    for p in params:
-        p.requires_grad_(True)
-    rows = torch.randperm(n - prefix, generator=gen)[:MAX_QUERY_ROWS] + prefix
-    optimiser = torch.optim.Adam(params, lr=lr)
+    init = [(rng.standard_normal((heads, d, dim)) * root).astype(np.float32), np.zeros((heads, 1, dim), np.float32),
+            (rng.standard_normal((heads, d, dim)) * root).astype(np.float32), np.zeros((heads, 1, dim), np.float32)]
+    rows = rng.permutation(n - prefix)[:MAX_QUERY_ROWS] + prefix
+    common = dict(scale=scale, key_weight=key_weight, objective=objective, samples=samples)
+    problem = make_problem(q, k, v, target, fit_part, rows, **common)
+    adam = adam_torch if backend == "torch" else adam_numpy
+    params, failure = adam(problem, init, steps, lr)
+    if failure is None and not all(np.isfinite(p).all() for p in params):
+        failure = "the fit produced non-finite weights"
+    if failure is not None:
+        return FitResult(None, backend, [], [], [], [], failure=failure)
+    maps = FeatureMaps(*params)
+    # held-out samples, the same sampled query rows (bounded memory at 4k tokens)
+    report = make_problem(q, k, v, target, held, rows, **common)
+    a_after, o_after = weights_and_output(report, *(hedgehog_reference(x, w, b) for x, w, b in
+                                                    ((report.q, maps.wq, maps.bq), (report.k, maps.wk, maps.bk))))
+    a_before, o_before = weights_and_output(report, _elu1(report.q * root), _elu1(report.k * root))
+    return FitResult(maps, backend, _kl(report.teacher, a_before), _kl(report.teacher, a_after),
+                     _cos(report.y, o_before), _cos(report.y, o_after))
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _elu1(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def weights_and_output(problem: Problem, fq: np.ndarray, fk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised linear weights [S, h, R, N] and output of the feature maps' values `fq`, `fk`."""
+    if problem.weight is not None:
+        fk = fk * problem.weight
+    a = fq @ np.swapaxes(fk, -1, -2)
+    a = a / (a.sum(-1, keepdims=True) + NORM_EPS)
+    return a, a @ problem.v
+
+
+# --- numpy: the loss and its gradient, written out ------------------------------------------------
+
+
+def _features(x, w, b):
+    z = x @ w + b
+    pos, neg = _softmax(z), _softmax(-z)
+    return np.concatenate([pos, neg], -1), (pos, neg)
+
+
+def _features_back(halves, grad):
+    """∂/∂z of [softmax(z), softmax(−z)] applied to `grad` (the softmax Jacobian, twice)."""
+    pos, neg = halves
+    m = pos.shape[-1]
+    gp, gn = grad[..., :m], grad[..., m:]
+    return pos * (gp - (pos * gp).sum(-1, keepdims=True)) - neg * (gn - (neg * gn).sum(-1, keepdims=True))
+
+
+def loss_and_grads(problem: Problem, params: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
+    """The fitting loss (KL to the teacher weights, or output MSE) and ∂loss/∂(wq, bq, wk, bk)."""
+    wq, bq, wk, bk = params
+    fq, q_halves = _features(problem.q, wq, bq)
+    fk, k_halves = _features(problem.k, wk, bk)
+    fkw = fk if problem.weight is None else fk * problem.weight
+    raw = fq @ np.swapaxes(fkw, -1, -2)
+    norm = raw.sum(-1, keepdims=True) + NORM_EPS
+    a = raw / norm
+    if problem.objective == "attn":
+        p = problem.teacher
+        count = p.shape[0] * p.shape[1] * p.shape[2]
+        loss = float((p * (np.log(p + LOG_EPS) - np.log(a + LOG_EPS))).sum() / count)
+        grad_a = -p / (a + LOG_EPS) / count
+    else:
+        diff = a @ problem.v - problem.y
+        loss = float((diff * diff).mean())
+        grad_a = (2.0 / diff.size) * diff @ np.swapaxes(problem.v, -1, -2)
+    grad_raw = (grad_a - (grad_a * a).sum(-1, keepdims=True)) / norm
+    grad_fq = grad_raw @ fkw
+    grad_fk = np.swapaxes(grad_raw, -1, -2) @ fq
+    if problem.weight is not None:
+        grad_fk = grad_fk * problem.weight
+    grads = []
+    for x, halves, g in ((problem.q, q_halves, grad_fq), (problem.k, k_halves, grad_fk)):
+        dz = _features_back(halves, g)
+        grads += [np.einsum("shnd,shnm->hdm", x, dz), dz.sum(axis=(0, 2))[:, None, :]]
+    return loss, grads
+
+
+def adam_numpy(problem: Problem, init: list[np.ndarray], steps: int, lr: float):
+    """Adam (torch's update rule and defaults) on `loss_and_grads`; (params, failure or None)."""
+    params = [p.copy() for p in init]
+    first = [np.zeros_like(p) for p in params]
+    second = [np.zeros_like(p) for p in params]
+    (b1, b2) = BETAS
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for step in range(1, steps + 1):
+            loss, grads = loss_and_grads(problem, params)
+            if not np.isfinite(loss):
+                return params, "the fit diverged (non-finite loss)"
+            for p, g, m1, m2 in zip(params, grads, first, second):
+                m1 *= b1
+                m1 += (1 - b1) * g
+                m2 *= b2
+                m2 += (1 - b2) * g * g
+                p -= lr * (m1 / (1 - b1 ** step)) / (np.sqrt(m2 / (1 - b2 ** step)) + ADAM_EPS)
+    return [p.astype(np.float32) for p in params], None
+
+
+# --- torch: the same loss through autograd --------------------------------------------------------
+
+
+def torch_loss(problem: Problem, params, torch):
+    """`loss_and_grads`' loss in torch (autograd differentiates it)."""
+    t = {name: torch.as_tensor(getattr(problem, name)) for name in ("q", "k", "v", "y", "teacher")}
 
     def features(x, w, b):
         z = x @ w + b
         return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
 
-    def key_weight_of(part):
-        """The per-key weights of these samples (a bias shared by every sample broadcasts)."""
-        return weight if weight is None or weight.shape[0] != samples else weight[part]
+    fq, fk = features(t["q"], params[0], params[1]), features(t["k"], params[2], params[3])
+    if problem.weight is not None:
+        fk = fk * torch.as_tensor(problem.weight)
+    a = fq @ fk.transpose(-1, -2)
+    a = a / (a.sum(-1, keepdim=True) + NORM_EPS)
+    if problem.objective == "attn":
+        p = t["teacher"]
+        return (p * (torch.log(p + LOG_EPS) - torch.log(a + LOG_EPS))).sum(-1).mean()
+    return ((a @ t["v"] - t["y"]) ** 2).mean()
 
-    def weights_and_output(part, query_rows, phi_q, phi_k):
-        """Normalised linear weights and output of the given feature maps on these samples and rows."""
-        fq, fk = phi_q(t["q"][part][:, :, query_rows]), phi_k(t["k"][part])
-        if weight is not None:
-            fk = fk * key_weight_of(part)
-        a = fq @ fk.transpose(-1, -2)
-        a = a / (a.sum(-1, keepdim=True) + 1e-6)
-        return a, a @ t["v"][part]
 
-    def fitted_q(x):
-        return features(x, params[0], params[1])
+def adam_torch(problem: Problem, init: list[np.ndarray], steps: int, lr: float):
+    import torch
 
-    def fitted_k(x):
-        return features(x, params[2], params[3])
-
-    def elu1(x):
-        return torch.nn.functional.elu(x * root) + 1
-
-    def teacher(part, query_rows):
-        logits = scale * t["q"][part][:, :, query_rows] @ t["k"][part].transpose(-1, -2)
-        if weight is not None:
-            logits = logits + torch.log(key_weight_of(part).transpose(-1, -2).clamp_min(1e-30))
-        return torch.softmax(logits, -1)
-
-    soft_fit = teacher(fit_part, rows)
+    params = [torch.tensor(p, requires_grad=True) for p in init]
+    optimiser = torch.optim.Adam(params, lr=lr, betas=BETAS, eps=ADAM_EPS)
     for _ in range(steps):
         optimiser.zero_grad()
-        a, out = weights_and_output(fit_part, rows, fitted_q, fitted_k)
-        if objective == "attn":
-            loss = (soft_fit * (torch.log(soft_fit + 1e-12) - torch.log(a + 1e-12))).sum(-1).mean()
-        else:
-            loss = ((out - t["y"][fit_part][:, :, rows]) ** 2).mean()
+        loss = torch_loss(problem, params, torch)
         if not torch.isfinite(loss):
-            return FitResult(None, "torch", [], [], [], [], failure="the fit diverged (non-finite loss)")
+            return init, "the fit diverged (non-finite loss)"
         loss.backward()
         optimiser.step()
-    maps = FeatureMaps(*(p.detach().numpy().astype(np.float32) for p in params))
-    if not all(np.isfinite(x).all() for x in dataclasses.astuple(maps)):
-        return FitResult(None, "torch", [], [], [], [], failure="the fit produced non-finite weights")
-    with torch.no_grad():  # held-out samples, the same sampled query rows (bounded memory at 4k tokens)
-        soft = teacher(held, rows)
-        y = t["y"][held][:, :, rows]
-        a_after, o_after = weights_and_output(held, rows, fitted_q, fitted_k)
-        a_before, o_before = weights_and_output(held, rows, elu1, elu1)
-        return FitResult(maps, "torch", _kl(soft, a_before), _kl(soft, a_after), _cos(y, o_before), _cos(y, o_after))
+    return [p.detach().numpy().astype(np.float32) for p in params], None
 
 
-def _kl(p, q) -> list[float]:
-    import torch
-
-    per = (p * (torch.log(p + 1e-12) - torch.log(q + 1e-12))).sum(-1)  # [S, h, rows]
-    return [round(float(x), 4) for x in per.mean(dim=(0, 2))]
+# --- the held-out report ------------------------------------------------------------------------
 
 
-def _cos(a, b) -> list[float]:
-    import torch
+def _kl(p: np.ndarray, q: np.ndarray) -> list[float]:
+    per = (p * (np.log(p + LOG_EPS) - np.log(q + LOG_EPS))).sum(-1)  # [S, h, rows]
+    return [round(float(x), 4) for x in per.mean(axis=(0, 2))]
 
-    per_head = lambda x: x.transpose(1, 0).reshape(x.shape[1], -1)  # noqa: E731  [h, everything else]
-    cos = torch.nn.functional.cosine_similarity(per_head(a), per_head(b), dim=-1)
+
+def _cos(a: np.ndarray, b: np.ndarray) -> list[float]:
+    per_head = lambda x: np.swapaxes(x, 0, 1).reshape(x.shape[1], -1).astype(np.float64)  # noqa: E731
+    a, b = per_head(a), per_head(b)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
     return [round(float(x), 4) for x in cos]

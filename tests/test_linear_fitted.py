@@ -2,12 +2,16 @@
 
 The ONNX emission equals the numpy reference for given maps; fitting beats elu+1 on held-out samples of
 peaked (low-entropy) attention, is deterministic for a seed, refuses too little data in one sentence,
-and a diverged fit keeps the site's softmax attention instead of writing NaN constants.
+and a diverged fit keeps the site's softmax attention instead of writing NaN constants. The numpy
+optimiser (used without torch) has the gradient written out: it must equal torch's autograd, and both
+backends must take the same steps.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -63,6 +67,42 @@ def test_fitting_beats_elu1_on_held_out_samples(objective):
         assert all(a < b for a, b in zip(result.kl_after, result.kl_before)), result
 
 
+@pytest.mark.parametrize("objective", ["attn", "output"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_numpy_gradient_equals_torch_autograd(objective, padded):
+    import torch
+
+    q, k, v, y = _peaked(samples=3, n=20)
+    weight = None
+    if padded:  # a padding bias: the last 5 keys weigh 0, one key a little less
+        weight = np.ones((3, 1, 20, 1), np.float32)
+        weight[:, :, 15:] = 0.0
+        weight[:, :, 3] = 0.5
+    problem = F.make_problem(q, k, v, y, slice(0, 3), np.arange(2, 20), scale=SCALE, key_weight=weight,
+                             objective=objective, samples=3)
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s).astype(np.float32) for s in ((2, 16, 6), (2, 1, 6), (2, 16, 6), (2, 1, 6))]
+    loss, grads = F.loss_and_grads(problem, params)
+    tensors = [torch.tensor(p, requires_grad=True) for p in params]
+    want = F.torch_loss(problem, tensors, torch)
+    want.backward()
+    assert abs(loss - want.item()) < 1e-5 * max(1.0, abs(loss))
+    for got, t in zip(grads, tensors):
+        ref = t.grad.numpy()
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, (objective, padded, err)
+
+
+def test_numpy_and_torch_backends_take_the_same_steps():
+    q, k, v, y = _peaked(samples=4)
+    runs = [F.fit_feature_maps(q, k, v, y, scale=SCALE, dim=8, steps=40, objective="attn", seed=2, backend=b)
+            for b in ("numpy", "torch")]
+    assert [r.backend for r in runs] == ["numpy", "torch"]
+    for a, b in zip(F.dataclasses.astuple(runs[0].maps), F.dataclasses.astuple(runs[1].maps)):
+        assert np.abs(a - b).max() < 1e-3
+    assert np.allclose(runs[0].cosine_after, runs[1].cosine_after, atol=2e-3)
+
+
 def test_fit_is_deterministic_for_a_seed():
     q, k, v, y = _peaked(samples=4)
     a, b, c = (F.fit_feature_maps(q, k, v, y, scale=SCALE, dim=8, steps=20, objective="attn", seed=s) for s in (3, 3, 4))
@@ -80,6 +120,13 @@ def test_a_diverged_fit_reports_failure_instead_of_nan_weights():
     q[0, 0, 0, :] = 3e38  # finite, but x·W overflows to inf: the loss turns NaN on the first step
     result = F.fit_feature_maps(q, k, v, y, scale=SCALE, dim=8, steps=3, objective="output", seed=0)
     assert result.maps is None and "non-finite" in result.failure
+
+
+def test_numpy_backend_beats_elu1_on_held_out_samples():
+    q, k, v, y = _peaked()
+    result = F.fit_feature_maps(q, k, v, y, scale=SCALE, dim=16, steps=150, objective="attn", seed=0, backend="numpy")
+    assert result.backend == "numpy"
+    assert all(a > b for a, b in zip(result.cosine_after, result.cosine_before)), result
 
 
 def test_held_out_split_keeps_a_quarter():
@@ -107,6 +154,22 @@ def test_cli_reports_held_out_fit_per_head_and_beats_elu1(capsys, tmp_path, vit3
     rc, out, _ = _run(capsys, model, "--pass", "linear", "--calib", calib, "-o", tmp_path / "e.onnx", "--json")
     elu = json.loads(out)["passes"][0]["metrics_vs_original"]["logits"]["cosine"]
     assert p["metrics_vs_original"]["logits"]["cosine"] > elu
+
+
+def test_cli_fits_with_numpy_when_torch_is_not_installed(tmp_path, vit32):
+    """torch is an optional extra: block its import; the report says the numpy optimiser ran."""
+    model, calib = vit32
+    script = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from attnrewrite.cli import main\n"
+        f"rc = main([{str(model)!r}, '--pass', 'linear:phi=fitted,dim=8,steps=30', '--calib', {str(calib)!r}, "
+        f"'-o', {str(tmp_path / 'n.onnx')!r}, '--json'])\n"
+        "assert rc == 0, rc\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    sites = json.loads(proc.stdout)["passes"][0]["sites"]
+    assert sites and all(s["plan"]["fitted with"] == "numpy" for s in sites)
 
 
 def test_cli_refuses_fitting_on_random_inputs(capsys, tmp_path, vit32):
