@@ -14,6 +14,8 @@ whole image and are what a classifier head reads.
 output correction `O·R_h + b_h` ridge-fitted on calibration activations so the linear output
 matches the softmax output it replaces; numpy-only and exact to export. `phi=fitted` replaces the
 fixed map with per-head Hedgehog maps fitted on calibration activations (`linear_fit.py`, recipe A).
+`local=N|HxW` keeps exact softmax on each query's window (or neighbourhood) and the linear map on
+the keys outside it, under one normaliser with a fitted per-head mix (`linear_hybrid.py`, LoLCATs).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from attnrewrite.passes.linear_fit import FeatureMaps, fit_feature_maps, hedgehog_reference
+from attnrewrite.passes import linear_hybrid as H
+from attnrewrite.passes.linear_fit import FeatureMaps, fit_feature_maps, hedgehog_reference, split
 from attnrewrite.passes.ops import const, float_type, key_row, reduce, softmax_attention
-from attnrewrite.registry import BasePass, Param, Plan, non_negative_int, positive_float, positive_int
+from attnrewrite.passes.spatial.common import GLOBAL_TOKENS, only_2d, sequence_prefix, spatial_frame
+from attnrewrite.registry import (
+    BasePass, Param, Plan, non_negative_int, positive_float, positive_int, show_size, size2d,
+)
 from attnrewrite.site import AttentionSite
 
 
@@ -45,13 +51,9 @@ def hedgehog_map(t: ir_tape.Tape, x: ir.Value, w: np.ndarray, b: np.ndarray, dty
                            t.op("Softmax", [t.op("Neg", [z])], attributes={"axis": -1})], attributes={"axis": -1})
 
 
-def linear_attention(
-    t: ir_tape.Tape, graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, phi: str,
-    eps: float, key_weight: ir.Value | None = None, dtype=None, maps=None,
-) -> ir.Value:
-    """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`.
-    `maps` (fitted `FeatureMaps`) replace the fixed φ; they act on raw Q/K (the scale is learnt)."""
-    dtype = dtype or float_type(q)  # a Q sliced on the tape has no type of its own
+def features(t: ir_tape.Tape, q: ir.Value, k: ir.Value, *, scale: float, phi: str, dtype, maps=None,
+             key_weight: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """(φ(Q), φ(K)·w): the fixed map on √s·Q, √s·K, or the fitted maps on raw Q/K (the scale is learnt)."""
     if phi == "fitted" and maps is None:
         raise ValueError("phi=fitted needs fitted maps; the pipeline fits them before rewriting")
     if maps is not None:
@@ -60,8 +62,22 @@ def linear_attention(
         root = const(t, math.sqrt(scale), dtype)
         fq = feature_map(t, t.op("Mul", [q, root]), phi, dtype)
         fk = feature_map(t, t.op("Mul", [k, root]), phi, dtype)
-    if key_weight is not None:
-        fk = t.op("Mul", [fk, key_weight])
+    fk = fk if key_weight is None else t.op("Mul", [fk, key_weight])
+    width = 2 * maps.wq.shape[2] if maps is not None else None
+    for f, x in ((fq, q), (fk, k)):  # the tiled hybrid lays its tiles out from static shapes
+        if x.shape is not None and len(x.shape) == 4:
+            f.shape = ir.Shape([*x.shape[:3], width or x.shape[3]])
+            f.type = x.type
+    return fq, fk
+
+
+def linear_attention(
+    t: ir_tape.Tape, graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, *, scale: float, phi: str,
+    eps: float, key_weight: ir.Value | None = None, dtype=None, maps=None,
+) -> ir.Value:
+    """φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σ_j φ(K_j) + ε), all `[B, h, N, ·]`; `key_weight` is `[B|1, h|1, Nk, 1]`."""
+    dtype = dtype or float_type(q)  # a Q sliced on the tape has no type of its own
+    fq, fk = features(t, q, k, scale=scale, phi=phi, dtype=dtype, maps=maps, key_weight=key_weight)
     kv = t.op("MatMul", [t.op("Transpose", [fk], attributes={"perm": [0, 1, 3, 2]}), v])  # [B,h,m,dv]
     z = reduce(t, graph, "ReduceSum", fk, [2])  # [B,h,1,m]
     numerator = t.op("MatMul", [fq, kv])  # [B,h,Nq,dv]
@@ -81,17 +97,21 @@ def phi_reference(x: np.ndarray, phi: str) -> np.ndarray:
 def linear_reference(q, k, v, *, scale: float, phi: str, eps: float, key_weight=None, maps=None) -> np.ndarray:
     """φ(√s·q)ᵀ(Σ_j w_j φ(√s·k_j) v_jᵀ) / (φ(√s·q)ᵀ Σ_j w_j φ(√s·k_j) + ε), in float64; with fitted
     `maps`, φ_q(q) and φ_k(k) of `linear_fit.hedgehog_reference` instead."""
+    fq, fk = features_reference(q, k, scale=scale, phi=phi, maps=maps, key_weight=key_weight)
+    kv = np.swapaxes(fk, -1, -2) @ v.astype(np.float64)
+    z = fk.sum(axis=-2, keepdims=True)
+    return (fq @ kv) / (fq @ np.swapaxes(z, -1, -2) + eps)
+
+
+def features_reference(q, k, *, scale: float, phi: str, maps=None, key_weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """(φ(q), φ(k)·w) in float64, as `features` emits them."""
     if maps is not None:
         fq, fk = hedgehog_reference(q, maps.wq, maps.bq), hedgehog_reference(k, maps.wk, maps.bk)
     else:
         root = np.sqrt(scale)
         fq = phi_reference(q.astype(np.float64) * root, phi)
         fk = phi_reference(k.astype(np.float64) * root, phi)
-    if key_weight is not None:
-        fk = fk * key_weight
-    kv = np.swapaxes(fk, -1, -2) @ v.astype(np.float64)
-    z = fk.sum(axis=-2, keepdims=True)
-    return (fq @ kv) / (fq @ np.swapaxes(z, -1, -2) + eps)
+    return fq, (fk if key_weight is None else fk * key_weight)
 
 
 def key_weight_reference(bias: np.ndarray | None) -> np.ndarray | None:
@@ -127,13 +147,21 @@ def fit_output_correction(approx: np.ndarray, target: np.ndarray, ridge: float) 
     return np.stack(rs).astype(np.float32), np.stack(bs).astype(np.float32)
 
 
+def local_size(text: str) -> tuple[int, ...] | None:
+    """`none` → None; otherwise a window/kernel size as `size2d` reads it."""
+    return None if text == "none" else size2d(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearPlan(Plan):
     """`correction` is the per-head `(R [h, d, d], b [h, 1, d])` that `fit=ridge` fitted, once fitted;
-    `maps` the feature maps `phi=fitted` fitted, with `fit_report` (held-out KL/cosine per head)."""
+    `maps` the feature maps `phi=fitted` fitted; `local` the exact local set of `local=...` and `gamma`
+    its fitted per-head mix; `fit_report` what fitting measured on held-out samples, per head."""
 
     correction: tuple[np.ndarray, np.ndarray] | None = None
     maps: FeatureMaps | None = None
+    local: H.LocalSet | None = None
+    gamma: np.ndarray | None = None
     fit_report: dict | None = None
 
     def summary(self) -> dict:
@@ -143,7 +171,8 @@ class LinearPlan(Plan):
 class LinearPass(BasePass):
     name = "linear"
     exact = False
-    description = "kernelised linear attention φ(Q)(φ(K)ᵀV) with φ = elu+1 or relu; cost linear in tokens"
+    description = ("kernelised linear attention φ(Q)(φ(K)ᵀV) with φ = elu+1, relu or fitted maps; cost linear in "
+                   "tokens; local=W adds exact softmax on a local window (LoLCATs hybrid)")
     params = (
         Param("phi", str, "elu1", "feature map; fitted: Hedgehog maps fitted per head on calibration activations",
               choices=("elu1", "relu", "fitted")),
@@ -158,15 +187,24 @@ class LinearPass(BasePass):
         Param("fit", str, "none", "ridge: per-head affine output correction fitted on calibration activations",
               choices=("none", "ridge")),
         Param("ridge", positive_float, 1e-2, "ridge strength for fit=ridge (relative to feature energy)"),
+        Param("local", local_size, None,
+              "none, or N / HxW: exact softmax on each query's local set, linear outside it, one normaliser, "
+              "per-head mix fitted on --calib (prefix tokens then stay exact)",
+              show=lambda v: "none" if v is None else show_size(v)),
+        Param("local_kind", str, "window", "local set: window (Swin windows; blocks on text) or neighborhood "
+              "(NATTEN K×K; a sliding window on text)", choices=("window", "neighborhood")),
+        GLOBAL_TOKENS,
     )
 
     def fit(self, site: AttentionSite, acts: dict[str, np.ndarray], plan: LinearPlan) -> LinearPlan | str:
-        """Fit the feature maps and/or the output correction on this site's calibration Q, K, V, bias and
-        softmax output; a string (the reason) when fitting failed and the site keeps its attention."""
+        """Fit the feature maps, the local mix and/or the output correction on this site's calibration Q,
+        K, V, bias and softmax output; a string (the reason) when fitting failed and the site keeps its
+        attention."""
         options = plan.options
         q, k, v, target = acts["q"], acts["k"], acts["v"], acts["output"]
         weight = key_weight_reference(acts.get("bias"))
-        prefix = (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
+        prefix = plan.local.prefix if plan.local else (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
+        report = {}
         if options["phi"] == "fitted":
             result = fit_feature_maps(q, k, v, target, scale=site.scale, dim=options["dim"], steps=options["steps"],
                                       objective=options["objective"], seed=options["seed"], prefix=prefix,
@@ -177,20 +215,66 @@ class LinearPass(BasePass):
                       "held-out weight KL before (elu1)": result.kl_before, "held-out weight KL after": result.kl_after,
                       "held-out output cosine before (elu1)": result.cosine_before,
                       "held-out output cosine after": result.cosine_after}
-            plan = dataclasses.replace(plan, maps=result.maps, fit_report=report)
+            plan = dataclasses.replace(plan, maps=result.maps)
+        if plan.local is not None:
+            plan, mix_report = self._fit_local(site, acts, plan, weight)
+            report.update(mix_report)
+        plan = dataclasses.replace(plan, fit_report=report or None)
         if options["fit"] != "ridge":
             return plan
-        approx = linear_reference(q[:, :, prefix:], k, v, scale=site.scale, phi=options["phi"], eps=options["eps"],
-                                  key_weight=weight, maps=plan.maps)
-        return dataclasses.replace(plan, correction=fit_output_correction(approx, target[:, :, prefix:], options["ridge"]))
+        approx = self._approximate(site, q, k, v, acts.get("bias"), plan, weight)
+        return dataclasses.replace(plan, correction=fit_output_correction(approx[:, :, prefix:], target[:, :, prefix:],
+                                                                          options["ridge"]))
+
+    def _fit_local(self, site, acts, plan: LinearPlan, weight) -> tuple[LinearPlan, dict]:
+        """γ per head on the fit samples; the hybrid's output cosine on the held-out ones."""
+        q, k, v, target = acts["q"], acts["k"], acts["v"], acts["output"]
+        samples, n = q.shape[0], q.shape[2]
+        fit_part, held = split(samples)
+        rows = np.arange(plan.local.prefix, n)
+        rows = np.random.default_rng(plan.options["seed"]).permutation(rows)[:H.MAX_ROWS] if rows.size > H.MAX_ROWS else rows
+        allowed = plan.local.allowed()
+
+        def parts(part):
+            fq, fk = features_reference(q[part], k[part], scale=site.scale, phi=plan.options["phi"], maps=plan.maps,
+                                        key_weight=_samples(weight, part, samples))
+            return H.hybrid_parts(q[part], k[part], v[part], scale=site.scale, allowed=allowed, fq=fq, fk=fk,
+                                  bias=_samples(acts.get("bias"), part, samples), rows=rows)
+
+        gamma = H.fit_mixing(parts(fit_part), target[fit_part][:, :, rows])
+        held_parts = parts(held)
+        y = target[held][:, :, rows]
+        return dataclasses.replace(plan, gamma=gamma), {
+            "local set": f"{plan.local.kind} {'x'.join(map(str, plan.options['local']))}",
+            "mix γ (local weight)": [round(float(g), 4) for g in gamma],
+            "held-out output cosine, local+linear": _head_cosine(held_parts.mix(gamma), y),
+            "held-out output cosine, local+linear at γ=0.1": _head_cosine(held_parts.mix(
+                np.full(len(gamma), H.GAMMA_INIT)), y)}
+
+    def _approximate(self, site, q, k, v, bias, plan: LinearPlan, weight) -> np.ndarray:
+        """This plan's output on calibration activations (before any output correction)."""
+        if plan.local is not None:
+            fq, fk = features_reference(q, k, scale=site.scale, phi=plan.options["phi"], maps=plan.maps, key_weight=weight)
+            return H.hybrid_reference(q, k, v, scale=site.scale, allowed=plan.local.allowed(), gamma=plan.gamma,
+                                      fq=fq, fk=fk, bias=bias)
+        out = linear_reference(q, k, v, scale=site.scale, phi=plan.options["phi"], eps=plan.options["eps"],
+                               key_weight=weight, maps=plan.maps)
+        prefix = (site.prefix_tokens or 0) if plan.options["prefix"] == "exact" else 0
+        return np.concatenate([np.zeros_like(out[:, :, :prefix]), out[:, :, prefix:]], axis=2)
 
     def applies(self, site: AttentionSite, options: dict) -> str | LinearPlan:
         if not site.bias_per_key:
             return f"{site.bias_kind} bias varies per query (e.g. relative positions or window masks); linear attention can only weight keys"
-        if options["prefix"] == "exact" and site.prefix_tokens is None:
+        if options["prefix"] == "exact" and site.prefix_tokens is None and options["local"] is None:
             return "prefix=exact needs known prefix tokens (no patch grid traced)"
         fitted = options["phi"] == "fitted"
-        return LinearPlan(options, needs_fit=options["fit"] == "ridge" or fitted, needs_calibration=fitted)
+        local = None
+        if options["local"] is not None:
+            local = _local_set(site, options)
+            if isinstance(local, str):
+                return local
+        return LinearPlan(options, needs_fit=options["fit"] == "ridge" or fitted or local is not None,
+                          needs_calibration=fitted or local is not None, local=local)
 
     def rewrite(self, graph: ir.Graph, site: AttentionSite, plan: LinearPlan) -> ir.Value:
         t = ir_tape.Tape(graph)
@@ -204,22 +288,79 @@ class LinearPass(BasePass):
                 b = t.op("Unsqueeze", [b, const(t, list(range(4 - rank)))])
             shifted = t.op("Sub", [b, reduce(t, graph, "ReduceMax", b, [3])])
             weight = t.op("Transpose", [t.op("Exp", [shifted])], attributes={"perm": [0, 1, 3, 2]})
+        dtype = float_type(site.q)
+        if plan.local is not None:
+            from attnrewrite.passes.spatial.emit import emit_hybrid_tiled
+
+            local = plan.local
+            fq, fk = features(t, site.q, site.k, scale=site.scale, phi=options["phi"], dtype=dtype, maps=plan.maps,
+                              key_weight=weight)
+            out = emit_hybrid_tiled(t, site.q, site.k, site.v, fq, fk, plan.gamma, scale=site.scale, bias=site.bias,
+                                    grid=local.grid, prefix=local.prefix, rule_y=local.rule_y, rule_x=local.rule_x)
+            return _corrected_after(t, out, plan.correction, local.prefix, site.q_len, dtype)
         prefix = site.prefix_tokens or 0
         if options["prefix"] != "exact" or prefix == 0:
             out = linear_attention(
                 t, graph, site.q, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight,
                 maps=plan.maps,
             )
-            return _corrected(t, out, plan.correction, float_type(site.q))
+            return _corrected(t, out, plan.correction, dtype)
         q_len = site.q_len if site.q_len is not None else np.iinfo(np.int64).max
         q_prefix = t.op("Slice", [site.q, const(t, [0]), const(t, [prefix]), const(t, [2])])
         q_grid = t.op("Slice", [site.q, const(t, [prefix]), const(t, [q_len]), const(t, [2])])
-        exact = softmax_attention(t, q_prefix, site.k, site.v, site.scale, site.bias, float_type(site.q))
+        exact = softmax_attention(t, q_prefix, site.k, site.v, site.scale, site.bias, dtype)
         lin = linear_attention(
             t, graph, q_grid, site.k, site.v, scale=site.scale, phi=options["phi"], eps=options["eps"], key_weight=weight,
-            dtype=float_type(site.q), maps=plan.maps,
+            dtype=dtype, maps=plan.maps,
         )
-        return t.op("Concat", [exact, _corrected(t, lin, plan.correction, float_type(site.q))], attributes={"axis": 2})
+        return t.op("Concat", [exact, _corrected(t, lin, plan.correction, dtype)], attributes={"axis": 2})
+
+
+def _local_set(site: AttentionSite, options: dict) -> H.LocalSet | str:
+    """The exact local set of `local=...` at this site, or why there is none."""
+    reason, grid, prefix = spatial_frame(site, options, allow_1d=True)
+    if reason:
+        return reason
+    if site.q_len is None:
+        return "local=...: the token count is dynamic, so the local set cannot be laid out (export with a fixed size)"
+    if site.suffix_tokens:
+        return "local=...: tokens follow the grid (detection tokens); not supported with a local set"
+    size = options["local"]
+    if grid is None:
+        if size[0] != size[1]:
+            return "1-D sequences take a single local length (local=N)"
+        reason, prefix = sequence_prefix(site, options)
+        return reason or H.local_set(options["local_kind"], size, None, prefix, site.q_len - prefix)
+    reason = only_2d(grid, "local=...")
+    if reason:
+        return reason
+    if len(size) != 2:
+        return f"local={show_size(size)} does not fit the {grid[0]}x{grid[1]} grid; give HxW"
+    return H.local_set(options["local_kind"], size, grid, prefix, site.q_len - prefix)
+
+
+def _samples(x: np.ndarray | None, part: slice, samples: int) -> np.ndarray | None:
+    """The samples `part` of a per-sample array; a broadcast one (leading dim 1) as it is."""
+    if x is None or x.ndim < 4 or x.shape[0] != samples or samples == 1:
+        return x
+    return x[part]
+
+
+def _head_cosine(a: np.ndarray, b: np.ndarray) -> list[float]:
+    a, b = (np.swapaxes(x, 0, 1).reshape(x.shape[1], -1).astype(np.float64) for x in (a, b))
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    return [round(float(c), 4) for c in cos]
+
+
+def _corrected_after(t: ir_tape.Tape, out: ir.Value, correction, prefix: int, q_len: int, dtype) -> ir.Value:
+    """The output correction on the tokens after the (exact) prefix rows."""
+    if correction is None:
+        return out
+    if not prefix:
+        return _corrected(t, out, correction, dtype)
+    head = t.op("Slice", [out, const(t, [0]), const(t, [prefix]), const(t, [2])])
+    tail = t.op("Slice", [out, const(t, [prefix]), const(t, [q_len]), const(t, [2])])
+    return t.op("Concat", [head, _corrected(t, tail, correction, dtype)], attributes={"axis": 2})
 
 
 def _corrected(t: ir_tape.Tape, out: ir.Value, correction: tuple[np.ndarray, np.ndarray] | None, dtype) -> ir.Value:

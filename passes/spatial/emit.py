@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from attnrewrite.passes.ops import reduce
 from attnrewrite.passes.spatial import reference as R
 from attnrewrite.passes.spatial.tables import (  # noqa: F401  (re-exported for passes/benchmarks)
     AxisRule, TileTables, bias_floor, build_tables, masked_value, rules_grid, rules_halo, rules_neighborhood,
@@ -153,9 +154,34 @@ def emit_tiled(
     n_tiles, tq = tables.query_index.shape
     global_prefix = prefix > 0 and prefix_mode == "global"
     sentinel = tables.zero_keys is not None
+    key_table, additive = _key_slots(tables, prefix, global_prefix, n_total, dtype)
 
-    # key slots: [prefix keys] + region keys + [sentinel zero key]; the additive mask covers the same
-    # slots (prefix: 0; region: 0 or masked; sentinel: log(zero keys), so exp(0 + log c) = c zero keys)
+    scale_c = _const(t, np.array(scale, dtype))
+    keys, values = k, v
+    if sentinel:
+        pad = _ints(t, [0, 0, 0, 0, 0, 0, 1, 0])
+        keys, values = t.op("Pad", [k, pad]), t.op("Pad", [v, pad])
+    n_keys = n_total + sentinel
+    # scale right before the MatMul: ORT folds Mul-by-scalar + MatMul + Transpose into one FusedMatMul
+    q_tiles = t.op("Mul", [_gather_tokens(t, q, tables.query_index + prefix, n_total, d), scale_c])
+    k_tiles = _gather_tokens(t, keys, key_table, n_keys, d)
+    v_tiles = _gather_tokens(t, values, key_table, n_keys, dv)
+    logits = _tile_logits(t, q_tiles, k_tiles, bias, tables, key_table, additive, prefix, n_total, sentinel, dtype)
+    out = t.op("MatMul", [t.op("Softmax", [logits], attributes={"axis": -1}), v_tiles])
+    grid_out = _untile(t, out, tables, grid, dv)
+    if not prefix:
+        return _typed(grid_out, q, n_total, dv)
+    prefix_out = _prefix_queries(t, q, k, v, bias, scale_c, prefix, global_prefix, n_total)
+    return _typed(t.op("Concat", [prefix_out, grid_out], attributes={"axis": 2}), q, n_total, dv)
+
+
+def _key_slots(tables: TileTables, prefix: int, global_prefix: bool, n_total: int, dtype
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each tile's key slots [T, R'] — [prefix keys] + region keys + [sentinel zero key] — and the
+    additive mask over the same slots [T, Tq, R'] (prefix: 0; region: 0 or masked; sentinel:
+    log(zero keys), so exp(0 + log c) = c zero keys), None when every slot is allowed."""
+    n_tiles, tq = tables.query_index.shape
+    sentinel = tables.zero_keys is not None
     n_prefix_keys = prefix if global_prefix else 0
     key_cols = [np.broadcast_to(np.arange(n_prefix_keys), (n_tiles, n_prefix_keys)), tables.key_index + prefix]
     additive = None
@@ -169,18 +195,11 @@ def emit_tiled(
         additive = np.concatenate(mask_cols, axis=2)
     if sentinel:
         key_cols.append(np.full((n_tiles, 1), n_total))
-    key_table = np.concatenate(key_cols, axis=1).astype(np.int64)
+    return np.concatenate(key_cols, axis=1).astype(np.int64), additive
 
-    scale_c = _const(t, np.array(scale, dtype))
-    keys, values = k, v
-    if sentinel:
-        pad = _ints(t, [0, 0, 0, 0, 0, 0, 1, 0])
-        keys, values = t.op("Pad", [k, pad]), t.op("Pad", [v, pad])
-    n_keys = n_total + sentinel
-    # scale right before the MatMul: ORT folds Mul-by-scalar + MatMul + Transpose into one FusedMatMul
-    q_tiles = t.op("Mul", [_gather_tokens(t, q, tables.query_index + prefix, n_total, d), scale_c])
-    k_tiles = _gather_tokens(t, keys, key_table, n_keys, d)
-    v_tiles = _gather_tokens(t, values, key_table, n_keys, dv)
+
+def _tile_logits(t, q_tiles, k_tiles, bias, tables, key_table, additive, prefix, n_total, sentinel, dtype) -> ir.Value:
+    """scale·Q·Kᵀ per tile plus the carving mask and the (gathered) bias: [B, h, T, Tq, R']."""
     logits = t.op("MatMul", [q_tiles, t.op("Transpose", [k_tiles], attributes={"perm": [0, 1, 2, 4, 3]})])
     dynamic_bias = None
     if bias is not None:
@@ -191,24 +210,93 @@ def emit_tiled(
         logits = t.op("Add", [logits, _const(t, additive.astype(dtype))])
     if dynamic_bias is not None:
         logits = t.op("Add", [logits, dynamic_bias])
-    out = t.op("MatMul", [t.op("Softmax", [logits], attributes={"axis": -1}), v_tiles])
+    return logits
+
+
+def _untile(t, out: ir.Value, tables: TileTables, grid, dv: int) -> ir.Value:
+    """[B, h, T, Tq, dv] tile outputs back to grid token order [B, h, N, dv]."""
+    n_tiles, tq = tables.query_index.shape
     flat = t.op("Reshape", [out, _ints(t, [0, 0, n_tiles * tq, dv])])
     if n_tiles * tq == grid[0] * grid[1] and np.array_equal(tables.inverse, np.arange(tables.inverse.size)):
-        grid_out = flat
-    else:
-        grid_out = t.op("Gather", [flat, _const(t, tables.inverse)], attributes={"axis": 2})
-    if not prefix:
-        return _typed(grid_out, q, n_total, dv)
+        return flat
+    return t.op("Gather", [flat, _const(t, tables.inverse)], attributes={"axis": 2})
 
+
+def _prefix_queries(t, q, k, v, bias, scale_c, prefix: int, global_prefix: bool, n_total: int) -> ir.Value:
+    """Dense softmax attention of the prefix queries: over every key (global) or the prefix keys."""
     qp = t.op("Mul", [_slice(t, q, 0, prefix, 2), scale_c])
     rank, rows_full, cols_full = _bias_axes(bias, n_total) if bias is not None else (4, False, False)
     bias_rows = _slice(t, bias, 0, prefix, rank - 2) if bias is not None and rows_full else bias
     if global_prefix:
-        prefix_out = _dense(t, qp, k, v, bias_rows)
-    else:
-        if bias_rows is not None and cols_full:
-            bias_rows = _slice(t, bias_rows, 0, prefix, rank - 1)
-        prefix_out = _dense(t, qp, _slice(t, k, 0, prefix, 2), _slice(t, v, 0, prefix, 2), bias_rows)
+        return _dense(t, qp, k, v, bias_rows)
+    if bias_rows is not None and cols_full:
+        bias_rows = _slice(t, bias_rows, 0, prefix, rank - 1)
+    return _dense(t, qp, _slice(t, k, 0, prefix, 2), _slice(t, v, 0, prefix, 2), bias_rows)
+
+
+def emit_hybrid_tiled(
+    t: ir_tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, fq: ir.Value, fk: ir.Value, gamma: np.ndarray, *,
+    scale: float, bias: ir.Value | None, grid: tuple[int, int], prefix: int, rule_y: AxisRule, rule_x: AxisRule,
+) -> ir.Value:
+    """LoLCATs' window + linear attention (ALGORITHMS.md §6, `linear_hybrid.hybrid_reference`):
+
+        a_ij = γ_h·exp(s_ij − max_local s_i)  for j in query i's local set (the rules, prefix keys global)
+               (1 − γ_h)·φ(q_i)·φ(k_j)         for every other key
+        O_i  = Σ_j a_ij v_j / Σ_j a_ij
+
+    The outside-local linear sums are the global ones (φ(K)ᵀV and Σφ(K), once per site) minus the
+    local ones gathered on the same tiles, so the cost stays linear in tokens. `fk` carries the key
+    weights of a padding bias already; prefix queries attend exactly to every key. When the local sets
+    cover every key the outside sums are zero by construction and are not emitted (computed, they
+    would only add the float rounding of global − local).
+    """
+    d, dv, features = _static(q, 3), _static(v, 3), _static(fq, 3)
+    n_total = prefix + grid[0] * grid[1]
+    dtype = _dtype(q)
+    tables = build_tables(grid, rule_y, rule_x)
+    if tables.zero_keys is not None:
+        raise ValueError("zero-padded key regions (halo border=zero) have no linear counterpart")
+    key_table, additive = _key_slots(tables, prefix, prefix > 0, n_total, dtype)
+    inside = np.ones(tables.query_index.shape + key_table.shape[1:], dtype) if additive is None else \
+        (additive == 0).astype(dtype)  # [T, Tq, R'] 1 on the local set
+
+    scale_c = _const(t, np.array(scale, dtype))
+    query_rows = tables.query_index + prefix
+    q_tiles = t.op("Mul", [_gather_tokens(t, q, query_rows, n_total, d), scale_c])
+    k_tiles = _gather_tokens(t, k, key_table, n_total, d)
+    v_tiles = _gather_tokens(t, v, key_table, n_total, dv)
+    logits = _tile_logits(t, q_tiles, k_tiles, bias, tables, key_table, additive, prefix, n_total, False, dtype)
+    graph = t.graph_like
+    local = t.op("Exp", [t.op("Sub", [logits, reduce(t, graph, "ReduceMax", logits, [-1])])])
+    local_num = t.op("MatMul", [local, v_tiles])  # [B, h, T, Tq, dv]
+    local_den = reduce(t, graph, "ReduceSum", local, [-1])
+
+    g = _const(t, np.asarray(gamma, dtype).reshape(1, -1, 1, 1, 1))
+    if R.combine(grid, prefix, rule_y.mask, rule_x.mask).all():
+        grid_out = _untile(t, t.op("Div", [local_num, local_den]), tables, grid, dv)
+        return _with_prefix_queries(t, grid_out, q, k, v, bias, scale_c, prefix, n_total, dv)
+    fq_tiles = _gather_tokens(t, fq, query_rows, n_total, features)
+    fk_tiles = _gather_tokens(t, fk, key_table, n_total, features)
+    near = t.op("Mul", [t.op("MatMul", [fq_tiles, t.op("Transpose", [fk_tiles], attributes={"perm": [0, 1, 2, 4, 3]})]),
+                        _const(t, inside)])  # linear weights on the local set, which softmax covers instead
+    kv = t.op("MatMul", [t.op("Transpose", [fk], attributes={"perm": [0, 1, 3, 2]}), v])  # [B, h, F, dv]
+    z = reduce(t, graph, "ReduceSum", fk, [2])  # [B, h, 1, F]
+    unsqueeze = lambda x: t.op("Unsqueeze", [x, _ints(t, [2])])  # noqa: E731  [B, h, 1, ·, ·] over tiles
+    far_num = t.op("Sub", [t.op("MatMul", [fq_tiles, unsqueeze(kv)]), t.op("MatMul", [near, v_tiles])])
+    far_den = t.op("Sub", [t.op("MatMul", [fq_tiles, unsqueeze(t.op("Transpose", [z], attributes={"perm": [0, 1, 3, 2]}))]),
+                           reduce(t, graph, "ReduceSum", near, [-1])])
+    g_far = _const(t, (1 - np.asarray(gamma, dtype)).reshape(1, -1, 1, 1, 1))
+    num = t.op("Add", [t.op("Mul", [local_num, g]), t.op("Mul", [far_num, g_far])])
+    den = t.op("Add", [t.op("Mul", [local_den, g]), t.op("Mul", [far_den, g_far])])
+    grid_out = _untile(t, t.op("Div", [num, den]), tables, grid, dv)
+    return _with_prefix_queries(t, grid_out, q, k, v, bias, scale_c, prefix, n_total, dv)
+
+
+def _with_prefix_queries(t, grid_out, q, k, v, bias, scale_c, prefix: int, n_total: int, dv: int) -> ir.Value:
+    """[exact prefix queries over every key, grid outputs] as `[B, h, P+N, dv]`."""
+    if not prefix:
+        return _typed(grid_out, q, n_total, dv)
+    prefix_out = _prefix_queries(t, q, k, v, bias, scale_c, prefix, True, n_total)
     return _typed(t.op("Concat", [prefix_out, grid_out], attributes={"axis": 2}), q, n_total, dv)
 
 
