@@ -3,7 +3,8 @@
     python benchmarks/accuracy.py                     # both models, every pass below (~10 min on 2 cores)
     python benchmarks/accuracy.py --only digits --out bench-out/accuracy
     python benchmarks/accuracy.py --suite quant       # int8 / int4 / paro rows instead (~12 min)
-    python benchmarks/accuracy.py --suite linear      # fixed vs fitted feature maps (phi=fitted)
+    python benchmarks/accuracy.py --suite linear      # fixed vs fitted maps, linear + local hybrids
+    python benchmarks/accuracy.py --suite linear --only minilm --pass linear:local=16   # chosen rows only
 
 Drift on random-weight fixtures says a rewrite is wired right; only trained weights say what it costs.
 Two real models, no downloads:
@@ -55,9 +56,14 @@ QUANT_MINILM = ["int8", "int4", "quant:pv=fp", "quant:bits=4,pv=int8", "int8:sca
                 *(p for p in PARO_GRID if p.endswith("none"))]
 #: `--suite linear`: fixed feature maps vs maps fitted on calibration activations (issue 12)
 LINEAR_FITTED = ["linear", "linear:phi=relu", *(f"linear:phi=fitted,dim={m}" for m in (16, 32, 64))]
+#: hybrids (exact softmax on a local window, linear outside) next to the window pass alone at the same window
 LINEAR_DIGITS = [*LINEAR_FITTED, "linear:phi=fitted,dim=32,objective=output", "linear:prefix=exact,fit=ridge",
-                 "linear:phi=fitted,dim=32,prefix=exact,fit=ridge"]
-LINEAR_MINILM = [*LINEAR_FITTED, "linear:phi=fitted,dim=32,objective=output"]
+                 "linear:phi=fitted,dim=32,prefix=exact,fit=ridge",
+                 *(p for w in ("2x2", "4x4") for p in (f"window:size={w}", f"linear:local={w}",
+                                                       f"linear:phi=fitted,dim=32,local={w}"))]
+LINEAR_MINILM = [*LINEAR_FITTED, "linear:phi=fitted,dim=32,objective=output",
+                 *(p for w in (4, 8, 16) for p in (f"window:size={w}", f"linear:local={w}",
+                                                   f"linear:phi=fitted,dim=16,local={w}"))]
 SUITES = {"spatial": (DIGITS_PASSES, MINILM_PASSES), "quant": (QUANT_DIGITS, QUANT_MINILM),
           "linear": (LINEAR_DIGITS, LINEAR_MINILM)}
 FALLBACK = {"digits": ["neighborhood:kernel=5", "window:size=4x4"], "minilm": ["window:size=16", "neighborhood:kernel=17"]}
@@ -140,7 +146,7 @@ def rewritten_count(doc: dict | None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def digits_rows(out: Path, epochs: int, suite: str = "spatial") -> list[dict]:
+def digits_rows(out: Path, epochs: int, suite: str = "spatial", passes: list[str] | None = None) -> list[dict]:
     from digits_vit import evaluate_onnx, train_digits_vit
 
     trained = train_digits_vit(out / "digits", epochs=epochs, seed=0)
@@ -148,10 +154,10 @@ def digits_rows(out: Path, epochs: int, suite: str = "spatial") -> list[dict]:
     model, data, labels, calib = Path(p["model"]), p["data"], p["labels"], Path(p["calib"])
     base = evaluate_onnx(model, data, labels)
     rows = [{"model": "digits", "pass": "original", "top1": base, "sites": "-"}]
-    for spec in SUITES[suite][0]:
+    for spec in passes or SUITES[suite][0]:
         target, doc, err = rewrite(model, spec, calib, out)
         rows.append(_digits_row(spec, target, doc, err, model, data, labels, evaluate_onnx))
-    for spec in FALLBACK["digits"] if suite == "spatial" else ():
+    for spec in FALLBACK["digits"] if suite == "spatial" and not passes else ():
         target, doc, err = rewrite(model, spec, calib, out, "--budget", "cosine>=0.99", "--fallback")
         rows.append(_digits_row(spec + " --fallback cosine>=0.99", target, doc, err, model, data, labels, evaluate_onnx))
     return rows
@@ -200,12 +206,12 @@ def export_minilm(out: Path) -> tuple[Path, Path, Path]:
     return path, calib, held
 
 
-def minilm_rows(out: Path, suite: str = "spatial") -> list[dict]:
+def minilm_rows(out: Path, suite: str = "spatial", passes: list[str] | None = None) -> list[dict]:
     model, calib, held = export_minilm(out)
     rows = []
-    for spec in SUITES[suite][1]:
+    for spec in passes or SUITES[suite][1]:
         rows.append(_minilm_row(spec, *rewrite(model, spec, calib, out), model, held))
-    for spec in FALLBACK["minilm"] if suite == "spatial" else ():
+    for spec in FALLBACK["minilm"] if suite == "spatial" and not passes else ():
         target, doc, err = rewrite(model, spec, calib, out, "--budget", "sentence_embedding:cosine>=0.99", "--fallback")
         rows.append(_minilm_row(spec + " --fallback sentence_embedding:cosine>=0.99", target, doc, err, model, held))
     return rows
@@ -260,13 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--suite", choices=tuple(SUITES), default="spatial",
                     help="spatial: window/neighbourhood/linear passes; quant: int8/int4/paro; linear: fitted maps")
+    ap.add_argument("--pass", dest="passes", action="append", metavar="SPEC",
+                    help="run these pass specs instead of the suite's list (repeatable)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.only in (None, "digits"):
-        rows += digits_rows(args.out, args.epochs, args.suite)
+        rows += digits_rows(args.out, args.epochs, args.suite, args.passes)
     if args.only in (None, "minilm"):
-        rows += minilm_rows(args.out, args.suite)
+        rows += minilm_rows(args.out, args.suite, args.passes)
     print_tables(rows)
     (args.out / f"accuracy{'' if args.suite == 'spatial' else '_' + args.suite}.json").write_text(json.dumps(rows, indent=2))
 

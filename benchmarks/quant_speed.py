@@ -56,7 +56,8 @@ def flop_bound(spec: str, grid: int = 64, dim: int = 768, mlp_ratio: int = 4, *,
 
 
 def site_model(spec_text: str | None, heads: int, grid: int, d: int, acts: dict[str, np.ndarray]):
-    """One site alone; `None` is the original as transformers' eager ViT exports it."""
+    """One site alone; `None` is the original as transformers' eager ViT exports it. `acts` (q, k, v,
+    and `output` for passes that fit on it) are what a fitting pass fits on."""
     graph, site = lone_site(1, heads, 1 + grid * grid, d, scale=d ** -0.5, grid=(grid, grid), prefix=1)
     q, k, v = site.q, site.k, site.v
     t = ir_tape.Tape(graph)
@@ -111,10 +112,11 @@ def dit_model(out: Path) -> tuple[Path, Path]:
     return path, calib
 
 
-def e2e_rows(model: Path, calib: Path, out: Path, repeats: int, console: Console, rebuild: bool = False) -> list[dict]:
+def e2e_rows(model: Path, calib: Path, out: Path, repeats: int, console: Console, rebuild: bool = False,
+             passes: list[str] = PASSES) -> list[dict]:
     paths = {"original": model}
     drift = {}
-    for spec in ["sdpa:fuse=ort", *PASSES]:
+    for spec in ["sdpa:fuse=ort", *passes]:
         target = out / f"{model.stem}.{''.join(c if c.isalnum() else '_' for c in spec)}.onnx"
         if rebuild or not target.exists():  # a cached rewrite is reused: --rebuild after changing a pass
             console.print(f"rewriting with {spec} ...")
