@@ -158,15 +158,21 @@ def default_output(model: str, specs, target: str = "onnxruntime") -> str:
 @click.option("--sites", "selectors", multiple=True, help="Sites to rewrite: ids, ranges (1-10) or predicates (q_len>=1024).")
 @click.option("--budget", "budget_texts", multiple=True,
               help="Accuracy budget, e.g. 'cosine>=0.999' or 'OUTPUT:cosine>=0.99' for one output (exit 1 if not met).")
-@click.option("--fallback", is_flag=True, help="Keep the original attention at the worst sites until the budget holds.")
+@click.option("--fallback", is_flag=True,
+              help="Keep the original attention at the most sensitive sites (leave-one-in drift) until the budget holds.")
+@click.option("--fallback-order", type=click.Choice(["sensitivity", "local"]), default="sensitivity", show_default=True,
+              help="What --fallback reverts first: the sites whose rewrite alone moves the output most, or the sites "
+                   "with the largest local drift (no extra runs).")
+@click.option("--sensitivity", is_flag=True,
+              help="Measure each site's leave-one-in drift: the model with only that site rewritten (one run per site).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: sites with a fused kernel become plugin nodes (with ONNX bodies for onnxruntime); "
                    "see `attnrewrite build`.")
-def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, budget_texts, fallback, report_dir, as_json,
-                force, target):
+def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, budget_texts, fallback, fallback_order,
+                sensitivity, report_dir, as_json, force, target):
     """Rewrite the attention of MODEL with one or more passes, validating the drift of each."""
     from attnrewrite import select
     from attnrewrite.errors import BudgetExceeded
@@ -195,7 +201,8 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     progress = progress_for(as_json)
     pipeline = Pipeline(path=__import__("pathlib").Path(model), batches=calibration.batches, budgets=budgets,
                         selectors=tuple(selectors), fallback=fallback, progress=progress,
-                        calibrated=bool(calib), target=target)
+                        calibrated=bool(calib), target=target, sensitivity=sensitivity,
+                        fallback_order=fallback_order)
     reports = pipeline.run(ir_model, specs)
     first = reports[0]
     if not first.sites:

@@ -6,8 +6,10 @@ on the measured drift. Each pass first writes its new attention *beside* the ori
 the same Q/K/V, nothing consumes it). One onnxruntime run of that probe model gives each site's local
 drift (new vs original attention on identical inputs) and the previous model's outputs. Then the
 original outputs' uses are switched to the new ones, and a second run gives the model-level drift
-and the accumulated per-site drift. `--fallback` switches the worst sites back, one at a time, until
-the budget holds; switching is just re-pointing uses, so no re-detection is needed. Dead-code
+and the accumulated per-site drift. `--sensitivity` (and `--fallback`) also measures each site's
+leave-one-in drift (the model with only that site rewritten) on one gated session
+(`sensitivity.py`); `--fallback` switches the most sensitive sites back until the budget holds, then
+repairs greedily. Switching is just re-pointing uses, so no re-detection is needed. Dead-code
 elimination at the end removes whichever branch lost.
 """
 
@@ -34,6 +36,7 @@ from attnrewrite.registry import PassSpec, Plan, SiteDrift
 from attnrewrite.select import select
 from attnrewrite.site import AttentionSite
 from attnrewrite.validate import metrics as M
+from attnrewrite.validate import sensitivity as S
 from attnrewrite.validate.runner import make_session, run_batches, session_from_path
 from attnrewrite.validate.signature import IOSignature
 
@@ -66,6 +69,9 @@ class SiteOutcome:
     plan: dict[str, Any] | None = None
     #: `--target tensorrt` only: "WindowAttention plugin", or "plain ONNX: <why no kernel runs it>"
     target: str | None = None
+    #: leave-one-in: the model's drift (worst output) with only this site rewritten (`--sensitivity`,
+    #: `--fallback`); what the fallback orders sites by
+    sensitivity: dict[str, float] | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,6 +215,11 @@ class Pipeline:
     calibrated: bool = True
     #: "tensorrt": sites a fused kernel runs become plugin nodes with their ONNX body as a local function
     target: str = "onnxruntime"
+    #: measure each site's leave-one-in model drift (always on with `fallback` in sensitivity order)
+    sensitivity: bool = False
+    #: what `--fallback` reverts first: "sensitivity" (leave-one-in drift) or "local" (the site's own
+    #: drift: no extra runs, but a poor guide on real models)
+    fallback_order: str = "sensitivity"
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     def __post_init__(self) -> None:
@@ -269,14 +280,15 @@ class Pipeline:
             except PassError as exc:
                 raise type(exc)(f"{exc} (passes before it: {' → '.join(done) or 'none'})") from exc
 
-        # 2) switch every rewritten site on, check validity, measure model-level drift
-        for r in rewrites:
-            switch(r, on=True)
+        # 2) switch the sites on (every one, or those the fallback search keeps), check validity,
+        #    measure model-level drift
+        if rewrites and (self.sensitivity or self.fallback):
+            self._search(model, rewrites, outcomes, spec)
+        else:
+            for r in rewrites:
+                switch(r, on=True)
         current = self._run_current(model, rewrites, spec, done)
         report.budget_failures = self._budget_failures(current)
-        if report.budget_failures and self.fallback:
-            current = self._fall_back(model, rewrites, outcomes, spec, done, current)
-            report.budget_failures = self._budget_failures(current)
         for r in rewrites:
             if outcomes[r.site.id].status == "rewritten":
                 outcomes[r.site.id].accumulated = M.site_metrics(probe_out[r.site.output.name], current[r.probe_name])
@@ -364,17 +376,55 @@ class Pipeline:
         metrics = M.compare_outputs(self.original_outputs, {n: outputs[n] for n in self.output_names})
         return [str(f) for f in M.check_budgets(self.budgets, metrics)]
 
-    def _fall_back(self, model, rewrites, outcomes, spec, done, current):
-        """Revert the sites with the worst local drift, one by one, until the budget holds."""
-        order = sorted(rewrites, key=lambda r: -(outcomes[r.site.id].local or {}).get("rel_l2", 0.0))
-        for r in order:
-            switch(r, on=False)
-            outcomes[r.site.id].status = "reverted"
-            outcomes[r.site.id].reason = "kept original attention by --fallback (worst local drift)"
-            current = self._run_current(model, rewrites, spec, done)
-            if not self._budget_failures(current):
-                break
-        return current
+    def _search(self, model: ir.Model, rewrites: list[Rewrite], outcomes: dict[str, SiteOutcome], spec: PassSpec) -> None:
+        """Leave-one-in sensitivity per site, then (`--fallback`) the sites to keep, on one gated session.
+
+        The fallback reverts the most sensitive sites (leave-one-in drift on the first budget's metric)
+        one at a time until the budget holds, then tries each reverted site again, least sensitive
+        first, keeping it when the budget still holds: drift is not additive across sites."""
+        gated = S.gate(model, rewrites, self.base_dir)
+        ids = [r.site.id for r in rewrites]
+        scores = {i: (outcomes[i].local or {}).get("rel_l2", 0.0) for i in ids}
+        if self.sensitivity or self.fallback_order == "sensitivity":
+            with self.progress.task(f"{spec.label()}: leave-one-in sensitivity", len(ids) * len(self.batches)) as tick:
+                for site_id in ids:
+                    metrics = S.compare(self.original_outputs, gated.run({site_id}, self.batches, self.output_names, tick),
+                                        self.output_names)
+                    outcomes[site_id].sensitivity = S.summary(metrics)
+                    if self.budgets and self.fallback_order == "sensitivity":
+                        scores[site_id] = S.budget_score(self.budgets, metrics)
+        on = set(ids)
+        if self.fallback and self.budgets:
+            def holds(selection: set[str]) -> bool:
+                return not self._budget_failures(gated.run(selection, self.batches, self.output_names))
+
+            with self.progress.task(f"{spec.label()}: fallback search", 2 * len(ids) + 1) as tick:
+                reverted = []
+                tick()
+                if not holds(on):
+                    for site_id in sorted(ids, key=lambda i: -scores[i]):
+                        on.discard(site_id)
+                        reverted.append(site_id)
+                        tick()
+                        if holds(on):
+                            break
+                    for site_id in sorted(reverted, key=lambda i: scores[i]):
+                        on.add(site_id)
+                        tick()
+                        if not holds(on):
+                            on.discard(site_id)
+            for site_id in set(ids) - on:
+                outcomes[site_id].status = "reverted"
+                outcomes[site_id].reason = "kept original attention by --fallback " + (
+                    f"(rewritten alone, the model's {self.budgets[0].metric} moves to "
+                    f"{_score_text(self.budgets[0], scores[site_id])})" if self.fallback_order == "sensitivity" else
+                    f"(local rel_l2 {scores[site_id]:.4g}, --fallback-order local)")
+        gated.close(on)
+
+
+def _score_text(budget, score: float) -> str:
+    value = -score if budget.op in (">=", ">") else score
+    return f"{value:.6g}"
 
 
 def apply_unvalidated(model: ir.Model, spec: PassSpec, selectors: tuple[str, ...] = ()) -> list[str]:

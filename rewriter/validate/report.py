@@ -153,15 +153,19 @@ def rewrite_sections(doc: dict) -> list[Section]:
 def _site_section(sites: list[dict]) -> Section:
     """One row per site; with `--target tensorrt` a column says which plugin carries it, or why none."""
     targeted = any(s.get("target") for s in sites)
+    measured = any(s.get("sensitivity") for s in sites)
     rows = []
     for s in sites:
-        loc, acc = s.get("local") or {}, s.get("accumulated") or {}
+        loc, acc, alone = s.get("local") or {}, s.get("accumulated") or {}, s.get("sensitivity") or {}
         row = (s["id"], s["status"], fmt(loc.get("cosine")), fmt(loc.get("rel_l2")), fmt(acc.get("cosine")),
-               fmt(acc.get("rel_l2")), s.get("reason") or "")
-        rows.append(row + ((s.get("target") or "",) if targeted else ()))
-    columns = ("site", "status", "local cos", "local rel_l2", "acc cos", "acc rel_l2", "reason")
-    return Section("per site (local: same inputs; accumulated: inside the rewritten model)",
-                   columns + (("TensorRT",) if targeted else ()), tuple(rows))
+               fmt(acc.get("rel_l2")))
+        row += (fmt(alone.get("cosine")), fmt(alone.get("rel_l2"))) if measured else ()
+        rows.append(row + (s.get("reason") or "",) + ((s.get("target") or "",) if targeted else ()))
+    columns = ("site", "status", "local cos", "local rel_l2", "acc cos", "acc rel_l2")
+    columns += ("alone: model cos", "alone: model rel_l2") if measured else ()
+    title = "per site (local: same inputs; accumulated: inside the rewritten model"
+    title += "; alone: the model's worst output with only this site rewritten, what --fallback orders by)" if measured else ")"
+    return Section(title, columns + ("reason",) + (("TensorRT",) if targeted else ()), tuple(rows))
 
 
 def _plan_section(label: str, sites: list[dict]) -> Section:
