@@ -165,7 +165,8 @@ def default_output(model: str, specs, target: str = "onnxruntime") -> str:
                    "with the largest local drift (no extra runs).")
 @click.option("--sensitivity", is_flag=True,
               help="Measure each site's leave-one-in drift: the model with only that site rewritten (one run per site).")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str),
+              help="Write report.json, report.md and report.html (drift bars, attention maps, speed) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
@@ -202,7 +203,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     pipeline = Pipeline(path=__import__("pathlib").Path(model), batches=calibration.batches, budgets=budgets,
                         selectors=tuple(selectors), fallback=fallback, progress=progress,
                         calibrated=bool(calib), target=target, sensitivity=sensitivity,
-                        fallback_order=fallback_order)
+                        fallback_order=fallback_order, attention_maps=bool(report_dir))
     reports = pipeline.run(ir_model, specs)
     first = reports[0]
     if not first.sites:
@@ -219,7 +220,8 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
         "passes": [r.to_json() for r in reports],
     })
     if report_dir:
-        write_report(report_dir, document)
+        document["speed"] = _speed([model, out], calibration, progress)
+        write_report(report_dir, document, [m for r in reports for m in r.maps])
     if as_json:
         emit_json(document)
     else:
@@ -234,7 +236,8 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
 @_calibration_options
 @click.option("--budget", "budget_texts", multiple=True,
               help="Accuracy budget (repeatable), e.g. 'OUTPUT:top1>=0.99'; default 'cosine>=0.999'.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str), help="Write report.json and report.md here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str),
+              help="Write report.json, report.md and report.html (drift bars, speed) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_dir, as_json):
     """Compare AFTER with BEFORE on the same inputs: model-level and per-site drift (exit 1 over budget)."""
@@ -248,6 +251,7 @@ def audit_cmd(before, after, calib, shapes, samples, seed, budget_texts, report_
     _check_budget_outputs(budgets, _output_names(before))
     document = audit(before, after, calibration, budgets, progress_for(as_json))
     if report_dir:
+        document["speed"] = _speed([before, after], calibration, progress_for(as_json))
         write_report(report_dir, document)
     if as_json:
         emit_json(document)
@@ -291,6 +295,16 @@ def bench_cmd(models, shapes, warmup, repeats, threads, as_json):
         emit_json(document)
         return
     print_report("bench", document)
+
+
+def _speed(models: list[str], calibration, progress, repeats: int = 5) -> dict:
+    """Time `models` side by side on the first calibration sample (a report's speed table)."""
+    from attnrewrite.validate import bench as B
+
+    feeds = {k: v[:1] for k, v in calibration.batches[0].items()}
+    with progress.task("timing for the report", len(models) * (1 + repeats)) as tick:
+        results = B.bench_models(list(models), feeds, warmup=1, repeats=repeats, progress=lambda *_: tick())
+    return {"command": "bench", "threads": None, "repeats": repeats, "results": [dataclasses_asdict(r) for r in results]}
 
 
 def dataclasses_asdict(obj):

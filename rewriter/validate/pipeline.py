@@ -183,6 +183,8 @@ class PassReport:
     vs_original: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     vs_previous: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     budget_failures: list[str] = dataclasses.field(default_factory=list)
+    #: `attention_maps.AttentionMap`s for the HTML report (not part of the JSON document)
+    maps: list = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -220,6 +222,8 @@ class Pipeline:
     #: what `--fallback` reverts first: "sensitivity" (leave-one-in drift) or "local" (the site's own
     #: drift: no extra runs, but a poor guide on real models)
     fallback_order: str = "sensitivity"
+    #: draw attention maps before/after for a few sites and queries (the HTML report)
+    attention_maps: bool = False
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     def __post_init__(self) -> None:
@@ -292,6 +296,8 @@ class Pipeline:
         for r in rewrites:
             if outcomes[r.site.id].status == "rewritten":
                 outcomes[r.site.id].accumulated = M.site_metrics(probe_out[r.site.output.name], current[r.probe_name])
+        if self.attention_maps and rewrites:
+            report.maps = self._maps(model, spec, rewrites, outcomes)
         report.sites.extend(outcomes.values())
         report.sites.sort(key=lambda s: _site_index(s.id))
         report.vs_original = M.compare_outputs(self.original_outputs, {n: current[n] for n in self.output_names})
@@ -420,6 +426,24 @@ class Pipeline:
                     f"{_score_text(self.budgets[0], scores[site_id])})" if self.fallback_order == "sensitivity" else
                     f"(local rel_l2 {scores[site_id]:.4g}, --fallback-order local)")
         gated.close(on)
+
+
+    def _maps(self, model, spec, rewrites, outcomes) -> list:
+        """Attention maps of the rewritten sites that moved the model most (leave-one-in when measured,
+        else local drift), on the first calibration sample."""
+        from attnrewrite.validate import attention_maps
+
+        kept = [r for r in rewrites if outcomes[r.site.id].status == "rewritten"]
+
+        def drift(r):
+            o = outcomes[r.site.id]
+            return (o.sensitivity or o.local or {}).get("cosine", 1.0)
+
+        order = [r.site.id for r in sorted(kept, key=drift)]
+        with self.progress.task(f"{spec.label()}: attention maps", 1) as tick:
+            maps = attention_maps.collect(model, self.base_dir, spec, kept, self.batches[0], order)
+            tick()
+        return maps
 
 
 def _score_text(budget, score: float) -> str:

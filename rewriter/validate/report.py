@@ -54,12 +54,16 @@ def clean(obj):
     return obj
 
 
-def write_report(directory: str | os.PathLike, document: dict) -> Path:
-    """Write report.json and report.md into `directory` (created if needed), each atomically."""
+def write_report(directory: str | os.PathLike, document: dict, maps=()) -> Path:
+    """Write report.json, report.md and report.html into `directory` (created if needed), each
+    atomically; `maps` are the attention maps the HTML page draws."""
+    from attnrewrite.validate.html_report import to_html
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "report.json", json.dumps(clean(document), indent=2))
     atomic_write(directory / "report.md", to_markdown(document))
+    atomic_write(directory / "report.html", to_html(clean(document), maps))
     return directory
 
 
@@ -145,9 +149,17 @@ def rewrite_sections(doc: dict) -> list[Section]:
         sections.append(_site_section(p["sites"]))
         if any(site.get("plan") for site in p["sites"]):
             sections.append(_plan_section(p["label"], p["sites"]))
+    sections += speed_sections(doc)
     if sections:
         sections[-1] = dataclasses.replace(sections[-1], after=_budget_lines(doc) + (f"wrote {doc['output']}",))
     return sections
+
+
+def speed_sections(doc: dict) -> list[Section]:
+    """`--report` times the models side by side (the same table as `attnrewrite bench`)."""
+    if not doc.get("speed"):
+        return []
+    return [dataclasses.replace(s, title=f"speed: {s.title}") for s in bench_sections(doc["speed"])]
 
 
 def _site_section(sites: list[dict]) -> Section:
@@ -185,6 +197,7 @@ def audit_sections(doc: dict) -> list[Section]:
         sections.append(Section(
             f"per site (paired by {doc['pairing']})", ("site", "before", "after", "cosine", "rel_l2"),
             tuple((s["id"], s["before"], s["after"], fmt(s["cosine"]), fmt(s["rel_l2"])) for s in doc["sites"])))
+    sections += speed_sections(doc)
     sections[-1] = dataclasses.replace(sections[-1], after=_budget_lines(doc))
     return sections
 
