@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from attnrewrite.validate import lone
 from attnrewrite.validate.runner import cpu_session, make_session, run_batches
 
 #: sites drawn per pass, query tokens drawn per site
@@ -57,25 +58,10 @@ def softmax_weights(q: np.ndarray, k: np.ndarray, scale: float, bias: np.ndarray
 
 def effective_weights(model: ir.Model, spec, site, plan, q: np.ndarray, k: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """The rewritten site's weights [h, Nq, Nk] on one sample (q, k: [1, h, N, d]), via V = identity blocks."""
-    from attnrewrite.site import AttentionSite
-
     heads, n, _ = q.shape[1:]
     dv = site.v.shape[3] if site.v.shape is not None and isinstance(site.v.shape[3], int) else q.shape[3]
-    dtype = ir.TensorType(ir.DataType.FLOAT)
-    values = {name: ir.Value(name=name, shape=ir.Shape(list(shape)), type=dtype)
-              for name, shape in (("q", q.shape), ("k", k.shape), ("v", (1, heads, k.shape[2], dv)))}
-    inputs = list(values.values())
-    bias_value = None
-    if bias is not None:
-        bias_value = ir.Value(name="bias", shape=ir.Shape(list(bias.shape)), type=dtype)
-        inputs.append(bias_value)
-    graph = ir.Graph(inputs, [], nodes=[], opset_imports=dict(model.opset_imports), name="site")
-    lone = AttentionSite(id=site.id, info=site.info, anchor=None, q=values["q"], k=values["k"], v=values["v"],
-                         output=None, bias=bias_value, nodes=())
-    out = spec.impl.rewrite(graph, lone, plan)
-    out.name = "out"
-    graph.outputs.append(out)
-    session = cpu_session(ir.to_proto(ir.Model(graph, ir_version=model.ir_version)).SerializeToString())
+    shapes = {"q": q.shape, "k": k.shape, "v": (1, heads, k.shape[2], dv), **({"bias": bias.shape} if bias is not None else {})}
+    session = cpu_session(lone.rewritten(model, spec, site, plan, shapes).SerializeToString())
     weights = np.zeros((heads, n, k.shape[2]))
     for start in range(0, k.shape[2], dv):
         width = min(dv, k.shape[2] - start)

@@ -388,7 +388,7 @@ class Pipeline:
         The fallback reverts the most sensitive sites (leave-one-in drift on the first budget's metric)
         one at a time until the budget holds, then tries each reverted site again, least sensitive
         first, keeping it when the budget still holds: drift is not additive across sites."""
-        gated = S.gate(model, rewrites, self.base_dir)
+        gated = S.gate_rewrites(model, rewrites, self.base_dir)
         ids = [r.site.id for r in rewrites]
         scores = {i: (outcomes[i].local or {}).get("rel_l2", 0.0) for i in ids}
         if self.sensitivity or self.fallback_order == "sensitivity":

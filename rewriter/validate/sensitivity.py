@@ -29,52 +29,78 @@ GATE_PREFIX = "attnrewrite/gate/"
 
 @dataclasses.dataclass
 class GatedModel:
+    """Sites whose consumers read one of several branches, chosen per run by an int64 input per site:
+    0 is the original attention, i the site's i-th alternative (`alternatives[site][i - 1]`)."""
+
     model: ir.Model
-    rewrites: list  # pipeline.Rewrite
+    sites: list  # AttentionSite
+    alternatives: list[list[ir.Value]]
     gates: list[ir.Value]
     selected: list[ir.Value]
+    added: list[list[ir.Node]]
     session: object = None
 
-    def run(self, on: set[str], batches: list[dict[str, np.ndarray]], names: list[str],
+    def feeds(self, selection) -> dict[str, np.ndarray]:
+        """Gate values for `selection`: {site id: branch}, or a set of site ids on their first alternative."""
+        chosen = {i: 1 for i in selection} if isinstance(selection, (set, frozenset, list, tuple)) else dict(selection)
+        return {g.name: np.array(chosen.get(site.id, 0), np.int64) for g, site in zip(self.gates, self.sites)}
+
+    def run(self, selection, batches: list[dict[str, np.ndarray]], names: list[str],
             tick: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
-        """The model with exactly the sites `on` rewritten (ids), on every batch."""
-        flags = {g.name: np.array(r.site.id in on) for g, r in zip(self.gates, self.rewrites)}
+        """The model with the sites on the branches of `selection`, on every batch."""
+        flags = self.feeds(selection)
         return run_batches(self.session, [{**b, **flags} for b in batches], names, tick)
 
-    def close(self, on: set[str]) -> None:
-        """Consumers read the new attention at the sites `on`, the original elsewhere; gates removed."""
+    def close(self, selection) -> None:
+        """Consumers read the chosen branch at every site; the gates and their nodes are removed."""
         graph = self.model.graph
-        for gate, selected, r in zip(self.gates, self.selected, self.rewrites):
-            selected.replace_all_uses_with(r.value if r.site.id in on else r.site.output, replace_graph_outputs=True)
-            graph.remove(selected.producer(), safe=True)
+        flags = self.feeds(selection)
+        for gate, site, alternatives, selected, nodes in zip(self.gates, self.sites, self.alternatives, self.selected,
+                                                              self.added):
+            branch = int(flags[gate.name])
+            selected.replace_all_uses_with(alternatives[branch - 1] if branch else site.output, replace_graph_outputs=True)
+            graph.remove(nodes, safe=True)
             graph.inputs.remove(gate)
         self.session = None
 
 
-def gate(model: ir.Model, rewrites: Sequence, base_dir: Path | None) -> GatedModel:
-    """Put a gate in front of every site's consumers (all sites must be switched off, as after the
-    probe) and open one session on the gated model."""
+def gate(model: ir.Model, sites: Sequence, alternatives: Sequence[Sequence[ir.Value]], base_dir: Path | None) -> GatedModel:
+    """Put a selector in front of every site's consumers (the sites must read their original attention,
+    as after the probe) and open one session on the gated model."""
     graph = model.graph
-    gates, selected = [], []
-    for r in rewrites:
-        g = ir.Value(name=f"{GATE_PREFIX}{r.site.id}", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    gates, selected, added = [], [], []
+    for site, alts in zip(sites, alternatives):
+        g = ir.Value(name=f"{GATE_PREFIX}{site.id}", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
         graph.inputs.append(g)
-        uses = list(r.site.output.uses())
-        is_output = r.site.output in graph.outputs
-        node = ir.node("Where", [g, r.value, r.site.output], name=f"attnrewrite/{r.site.id}/gate")
-        out = node.outputs[0]
-        out.name, out.type, out.shape = f"attnrewrite/{r.site.id}/gated", r.site.output.type, r.site.output.shape
-        graph.insert_after(r.value.producer() if r.value.producer() is not None else graph[-1], node)
+        uses = list(site.output.uses())
+        is_output = site.output in graph.outputs
+        current, nodes = site.output, []
+        for i, alt in enumerate(alts, 1):
+            index = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(i, np.int64))},
+                            name=f"attnrewrite/{site.id}/gate_{i}_index")
+            equal = ir.node("Equal", [g, index.outputs[0]], name=f"attnrewrite/{site.id}/gate_{i}_equal")
+            where = ir.node("Where", [equal.outputs[0], alt, current], name=f"attnrewrite/{site.id}/gate_{i}")
+            where.outputs[0].name = f"attnrewrite/{site.id}/gated_{i}"
+            where.outputs[0].type, where.outputs[0].shape = site.output.type, site.output.shape
+            nodes += [index, equal, where]
+            current = where.outputs[0]
+        graph.extend(nodes)
         for user, index in uses:
-            user.replace_input_with(index, out)
+            user.replace_input_with(index, current)
         if is_output:
-            graph.outputs[graph.outputs.index(r.site.output)] = out
+            graph.outputs[graph.outputs.index(site.output)] = current
         gates.append(g)
-        selected.append(out)
+        selected.append(current)
+        added.append(nodes)
     common_passes.TopologicalSortPass()(model)
-    gated = GatedModel(model, list(rewrites), gates, selected)
+    gated = GatedModel(model, list(sites), [list(a) for a in alternatives], gates, selected, added)
     gated.session = make_session(model, base_dir)
     return gated
+
+
+def gate_rewrites(model: ir.Model, rewrites: Sequence, base_dir: Path | None) -> GatedModel:
+    """One alternative per site: the pass's rewrite (branch 1) against the original (branch 0)."""
+    return gate(model, [r.site for r in rewrites], [[r.value] for r in rewrites], base_dir)
 
 
 def budget_score(budgets, metrics: dict[str, dict[str, float]]) -> float:
