@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -146,7 +147,7 @@ def default_output(model: str, specs, target: str = "onnxruntime") -> str:
     path = os.path.abspath(model)
     stem = path[:-5] if path.endswith(".onnx") else path
     suffix = ".trt" if target == "tensorrt" else ""
-    return f"{stem}.{'.'.join(s.name for s in specs)}{suffix}.onnx"
+    return f"{stem}.{'.'.join(s.name for s in specs) or 'auto'}{suffix}.onnx"
 
 
 @cli.command("rewrite", hidden=True)
@@ -172,8 +173,12 @@ def default_output(model: str, specs, target: str = "onnxruntime") -> str:
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: sites with a fused kernel become plugin nodes (with ONNX bodies for onnxruntime); "
                    "see `attnrewrite build`.")
+@click.option("--plan", "plan_out", type=click.Path(dir_okay=False, path_type=str),
+              help="--pass auto: write the chosen plan (site -> pass) to this JSON file.")
+@click.option("--plan-in", "plan_in", type=click.Path(dir_okay=False, path_type=str),
+              help="--pass auto: replay a plan written by --plan, without searching.")
 def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, budget_texts, fallback, fallback_order,
-                sensitivity, report_dir, as_json, force, target):
+                sensitivity, report_dir, as_json, force, target, plan_out, plan_in):
     """Rewrite the attention of MODEL with one or more passes, validating the drift of each."""
     from attnrewrite import select
     from attnrewrite.errors import BudgetExceeded
@@ -183,9 +188,17 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     from attnrewrite.registry import parse_pass
     from attnrewrite.validate.report import clean, header, write_report
 
-    specs = [parse_pass(p) for p in passes]
+    auto = next((p for p in passes if p.partition(":")[0].strip() == "auto"), None)
+    if auto and len(passes) > 1:
+        raise InputError("--pass auto chooses the pass per site; give it alone (no other --pass).")
+    if (plan_out or plan_in) and not auto:
+        raise InputError("--plan and --plan-in go with --pass auto.")
+    if auto and (fallback or target != "onnxruntime"):
+        raise InputError("--pass auto already keeps sites within the budget; it takes neither --fallback nor --target.")
+    specs = [] if auto else [parse_pass(p) for p in passes]
     select.validate(selectors)
     budgets = _budgets(budget_texts)
+    replay = _read_plan(plan_in) if plan_in else None
     if fallback and not budgets:
         raise InputError("--fallback needs at least one --budget to aim for.")
     if target == "tensorrt" and len(specs) > 1:
@@ -204,12 +217,24 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
                         selectors=tuple(selectors), fallback=fallback, progress=progress,
                         calibrated=bool(calib), target=target, sensitivity=sensitivity,
                         fallback_order=fallback_order, attention_maps=bool(report_dir))
-    reports = pipeline.run(ir_model, specs)
-    first = reports[0]
-    if not first.sites:
+    if auto:
+        reports = []
+        pass_docs = [pipeline.run_auto(ir_model, auto, replay)]
+        found = bool(pass_docs[0]["sites"])
+    else:
+        reports = pipeline.run(ir_model, specs)
+        pass_docs = [r.to_json() for r in reports]
+        found = bool(reports[0].sites)
+    if not found:
         raise NoAttentionFound(f"{model}: no attention found; nothing to rewrite (see `attnrewrite inspect`).")
     save_model(ir_model, out, force=force, protect=(model,))
-    failures = reports[-1].budget_failures
+    failures = pass_docs[-1]["budget_failures"]
+    if plan_out:
+        from attnrewrite.validate.report import atomic_write
+
+        plan_doc = {"tool": "attnrewrite", "model": os.path.abspath(model), "budgets": [str(b) for b in budgets],
+                    **pass_docs[0]["plan"]}
+        atomic_write(Path(plan_out), json.dumps(plan_doc, indent=2))
     document = clean({
         **header(model, calibration),
         "command": "rewrite",
@@ -217,7 +242,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
         "target": target,
         "status": "budget_exceeded" if failures else "ok",
         "budgets": _budget_summary(budgets, failures),
-        "passes": [r.to_json() for r in reports],
+        "passes": pass_docs,
     })
     if report_dir:
         document["speed"] = _speed([model, out], calibration, progress)
@@ -295,6 +320,18 @@ def bench_cmd(models, shapes, warmup, repeats, threads, as_json):
         emit_json(document)
         return
     print_report("bench", document)
+
+
+def _read_plan(path: str) -> dict:
+    """A plan written by `--plan`: {"sites": {site id: pass spec or "original"}}."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the plan {path}: {exc}.") from None
+    sites = doc.get("sites") if isinstance(doc, dict) else None
+    if not isinstance(sites, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sites.items()):
+        raise InputError(f"{path} is not a plan written by --plan (it needs a 'sites' object of site id -> pass).")
+    return doc
 
 
 def _speed(models: list[str], calibration, progress, repeats: int = 5) -> dict:

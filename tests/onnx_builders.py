@@ -151,7 +151,6 @@ def spelled_out_softmax_attention(stable=True, opset=17, axis=-1, as_output=Fals
 
     `axis` is the reduction axis (-1 is softmax; -2 is not); `as_output` makes the normalised weights
     the model output (a classifier-like softmax, not attention)."""
-    rng = np.random.default_rng(0)
     def reduce(op, x, out):
         if opset >= 18 or op == "ReduceSum":
             return helper.make_node(op, [x, "ax"], [out], keepdims=1)

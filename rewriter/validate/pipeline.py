@@ -82,18 +82,19 @@ class SiteOutcome:
 
 
 def write_beside(model: ir.Model, spec: PassSpec, planned: list[tuple[AttentionSite, Plan]],
-                 target: str = "onnxruntime") -> list[Rewrite]:
+                 target: str = "onnxruntime", tag: str | None = None) -> list[Rewrite]:
     """Emit each site's rewrite as an unused branch (the probe); returns the new outputs.
 
     With `target="tensorrt"` a site a fused kernel can run becomes one plugin node whose local
-    function is the same rewrite (`plugins/onnx_nodes.py`), so the probe measures the same math."""
+    function is the same rewrite (`plugins/onnx_nodes.py`), so the probe measures the same math.
+    `tag` names the outputs when several candidates of one pass sit beside the same site (`auto`)."""
     graph = model.graph
     rewrites = []
     for site, plan in planned:
         before = len(graph)
         attention, note = _emit(model, spec, site, plan, target)
         new = to_original_layout(graph, site.output_layout, attention, site.output)
-        new.name = f"attnrewrite/{site.id}/{spec.name}_output"
+        new.name = f"attnrewrite/{site.id}/{tag or spec.name}_output"
         new.metadata_props[ORIGINAL_OUTPUT_TAG] = site.output.metadata_props.get(ORIGINAL_OUTPUT_TAG, site.output.name)
         new.metadata_props[SITE_TAG] = site.id
         for count, node in enumerate(list(graph)[before:]):
@@ -232,6 +233,28 @@ class Pipeline:
         self.output_names = [o.name for o in original.get_outputs()]
         with self.progress.task("running the original model", len(self.batches)) as tick:
             self.original_outputs = run_batches(original, self.batches, self.output_names, tick)
+
+    def run_auto(self, model: ir.Model, text: str, plan_in: dict | None = None) -> dict:
+        """`--pass auto`: choose a candidate per site (`auto.py`), apply it, validate the model; the
+        pass's JSON (shaped like `PassReport.to_json`) with the plan and its predicted/measured drift."""
+        from attnrewrite.validate import auto
+
+        signature = IOSignature.of(model)
+        start = time.perf_counter()
+        doc = auto.plan_auto(self, model, auto.candidates_of(text), plan_in)
+        finalize(model)
+        signature.restore(model)
+        check_model(model, self.base_dir, ["auto"])
+        session = make_session(model, self.base_dir)
+        with self.progress.task("auto: model drift", len(self.batches)) as tick:
+            current = run_batches(session, self.batches, self.output_names, tick)
+        vs_original = M.compare_outputs(self.original_outputs, current)
+        return {"pass": "auto", "params": {"candidates": text.partition("=")[2] or "default"}, "label": "auto",
+                "exact": False, "seconds": round(time.perf_counter() - start, 3),
+                "rewritten": [s["id"] for s in doc["sites"] if s["status"] == "rewritten"],
+                "kept_original": [s["id"] for s in doc["sites"] if s["status"] == "reverted"],
+                "sites": doc["sites"], "metrics_vs_original": vs_original, "metrics_vs_previous": vs_original,
+                "budget_failures": self._budget_failures(current), "plan": doc["plan"], "auto": doc["auto"]}
 
     def run(self, model: ir.Model, specs: list[PassSpec]) -> list[PassReport]:
         """Apply every pass in order; the model keeps the input's I/O signature exactly."""

@@ -147,6 +147,8 @@ def rewrite_sections(doc: dict) -> list[Section]:
             sections.append(Section(f"pass {p['label']} vs the previous pass", ("output", *_METRIC_COLUMNS),
                                     _metrics_rows(p["metrics_vs_previous"])))
         sections.append(_site_section(p["sites"]))
+        if p.get("auto"):
+            sections.append(_auto_section(p["auto"]))
         if any(site.get("plan") for site in p["sites"]):
             sections.append(_plan_section(p["label"], p["sites"]))
     sections += speed_sections(doc)
@@ -178,6 +180,20 @@ def _site_section(sites: list[dict]) -> Section:
     title = "per site (local: same inputs; accumulated: inside the rewritten model"
     title += "; alone: the model's worst output with only this site rewritten, what --fallback orders by)" if measured else ")"
     return Section(title, columns + ("reason",) + (("TensorRT",) if targeted else ()), tuple(rows))
+
+
+def _auto_section(auto: dict) -> Section:
+    """`--pass auto`: the plan's drift as predicted from per-site leave-one-in drifts vs as measured,
+    and the attention time it saves (sites timed alone on this machine)."""
+    rows = (("predicted drift (sum of leave-one-in)", fmt(auto.get("predicted_drift"))),
+            ("measured drift", fmt(auto.get("measured_drift"))),
+            ("drift measured as", f"distance of {auto['metric']} from its perfect value"),
+            ("search steps (on the prediction)", fmt(auto.get("search_steps"))),
+            ("repair steps (after measuring)", fmt(auto.get("repair_steps"))),
+            ("attention time, original sites (ms)", fmt(auto.get("site_ms_original"))),
+            ("attention time, plan (ms)", fmt(auto.get("site_ms_plan"))),
+            ("attention speed-up of the plan", fmt(auto.get("site_speedup"))))
+    return Section("auto: the plan", ("", "value"), rows)
 
 
 def _plan_section(label: str, sites: list[dict]) -> Section:

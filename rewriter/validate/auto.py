@@ -1,0 +1,314 @@
+"""`--pass auto`: per site, the fastest candidate variant that keeps the whole model within budget.
+
+Cost is measured, not guessed: each (site, candidate) rewrite is timed alone on this machine
+(`lone.py`) next to the site's original softmax, interleaved in one process. Sites with the same
+shapes and semantics share one timing, and timings are cached per model and shape in
+`$XDG_CACHE_HOME/attnrewrite/site_costs.json`.
+
+Drift is measured too: every candidate is written beside the original at every site it applies to,
+and one gated session (`sensitivity.gate`) runs the model under any assignment of candidates, so
+each (site, candidate)'s leave-one-in drift costs one run. A plan's drift is *predicted* as the sum
+of its sites' leave-one-in drifts, as a distance from the budget metric's perfect value (1 − cosine,
+rel_l2, ...). Search: every site starts on its fastest candidate; while the prediction exceeds the
+budget, the site whose step to a more accurate option (the original included) buys the most drift
+per millisecond takes it; then the real plan is measured, and while it misses the budget (drift is
+not additive) stepping goes on. The report gives predicted against measured drift and the site time
+the plan saves; `--plan` writes the choice and `--plan-in` replays one without searching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from attnrewrite.errors import InputError
+from attnrewrite.onnx.canonicalize import canonicalize
+from attnrewrite.onnx.detect import detect
+from attnrewrite.registry import PassSpec, parse_pass
+from attnrewrite.select import select
+from attnrewrite.validate import bench as B
+from attnrewrite.validate import lone
+from attnrewrite.validate import metrics as M
+from attnrewrite.validate import sensitivity as S
+from attnrewrite.validate.runner import make_session, run_batches
+
+#: tried at every site where they apply (sizes wider than the grid are declined by the pass itself)
+DEFAULT_CANDIDATES = ("window:size=4x4", "window:size=8x8", "window:size=16x16", "neighborhood:kernel=5",
+                      "neighborhood:kernel=9", "neighborhood:kernel=17", "int8", "linear:local=8x8")
+#: the value of each metric when nothing changed; a plan's drift is its distance from it
+PERFECT = {"cosine": 1.0, "top1": 1.0, "rel_l2": 0.0, "max_abs": 0.0}
+
+
+def candidates_of(text: str) -> list[PassSpec]:
+    """`auto` or `auto:candidates=SPEC|SPEC|...` → the candidate specs (each a valid --pass)."""
+    _, _, rest = text.partition(":")
+    if not rest:
+        return [parse_pass(c) for c in DEFAULT_CANDIDATES]
+    key, _, value = rest.partition("=")
+    if key.strip() != "candidates" or not value.strip():
+        raise InputError(f"--pass {text!r}: auto takes one option, candidates=SPEC|SPEC|... (e.g. "
+                         "auto:candidates=window:size=4x4|int8).")
+    specs = [parse_pass(c.strip()) for c in value.split("|") if c.strip()]
+    if any(s.name == "auto" for s in specs):
+        raise InputError("auto cannot be its own candidate.")
+    return specs
+
+
+@dataclasses.dataclass
+class Option:
+    """One way to run a site: a candidate's rewrite (or the original, `spec` None)."""
+
+    spec: PassSpec | None
+    value: ir.Value | None = None
+    plan: object = None
+    ms: float = 0.0
+    drift: float = 0.0  # leave-one-in, distance from perfect on the budget metric
+    local: dict | None = None
+    alone: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.label() if self.spec else "original"
+
+
+@dataclasses.dataclass
+class SitePlan:
+    site: object
+    options: list[Option]  # options[0] is the original
+    choice: int = 0
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # candidate label -> why not here
+
+
+def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: dict | None = None) -> dict:
+    """Choose, apply and validate; returns the report section (`auto`) and per-site outcomes."""
+    if not pipeline.budgets:
+        raise InputError("--pass auto needs a --budget: it picks the fastest variants the budget allows.")
+    budget = pipeline.budgets[0]
+    if budget.metric not in PERFECT:
+        raise InputError(f"--pass auto plans against the first budget's metric, and {budget.metric} has no perfect "
+                         f"value to measure drift from; use one of {', '.join(PERFECT)} first.")
+    start = time.perf_counter()
+    canonicalize(model)
+    sites = pipeline._check_bias_rows(model, detect(model).sites)
+    chosen = select(sites, pipeline.selectors) if pipeline.selectors else list(sites)
+    if plan_in is not None:
+        chosen, candidates = _replay(chosen, plan_in)
+    plans = {s.id: SitePlan(s, [Option(None)]) for s in chosen}
+    for index, spec in enumerate(candidates):
+        _add_candidate(pipeline, model, spec, index, plans, plan_in)
+    live = [p for p in plans.values() if len(p.options) > 1]
+    if not live:
+        return _document(pipeline, plans, start, predicted=0.0, measured=None, steps=0, repairs=0)
+    shapes = _shapes(pipeline, model, [p.site for p in live])
+    _time(model, live, shapes, pipeline.path)
+    _local_drift(pipeline, model, live)
+    gated = S.gate(model, [p.site for p in live], [[o.value for o in p.options[1:]] for p in live], pipeline.base_dir)
+    outputs = pipeline.output_names
+
+    def measure(selection: dict[str, int], tick=None) -> dict:
+        return S.compare(pipeline.original_outputs, gated.run(selection, pipeline.batches, outputs, tick), outputs)
+
+    allowed = abs(budget.threshold - PERFECT[budget.metric])
+    steps = repairs = 0
+    if plan_in is None:
+        runs = sum(len(p.options) - 1 for p in live)
+        with pipeline.progress.task("auto: leave-one-in drift per site and candidate", runs * len(pipeline.batches)) as tick:
+            for p in live:
+                for i, option in enumerate(p.options[1:], 1):
+                    metrics = measure({p.site.id: i}, tick)
+                    option.drift, option.alone = _drift(budget, metrics), S.summary(metrics)
+        for p in live:
+            p.choice = _fastest(p)
+        while _predicted(live) > allowed and _step(live):
+            steps += 1
+    else:
+        for p in live:
+            p.choice = len(p.options) - 1  # the replayed candidate (original when the plan kept it)
+    selection = {p.site.id: p.choice for p in live}
+    predicted = _predicted(live)
+    with pipeline.progress.task("auto: validating the plan", 1) as tick:
+        measured_metrics = measure(selection)
+        tick()
+    while plan_in is None and M.check_budgets(pipeline.budgets, measured_metrics) and _step(live):
+        repairs += 1
+        selection = {p.site.id: p.choice for p in live}
+        measured_metrics = measure(selection)
+    gated.close(selection)
+    return _document(pipeline, plans, start, predicted=predicted if plan_in is None else None,
+                     measured=_drift(budget, measured_metrics), steps=steps, repairs=repairs)
+
+
+def _replay(sites, plan_in: dict):
+    """Sites and candidates of a written plan; a site it does not name keeps its attention."""
+    wanted = plan_in.get("sites", {})
+    unknown = sorted(set(wanted) - {s.id for s in sites})
+    if unknown:
+        raise InputError(f"--plan-in names sites this model does not have: {', '.join(unknown)}.")
+    texts = sorted({t for t in wanted.values() if t != "original"})
+    return [s for s in sites if s.id in wanted], [parse_pass(t) for t in texts]
+
+
+def _add_candidate(pipeline, model, spec: PassSpec, index: int, plans: dict[str, SitePlan], plan_in) -> None:
+    """Plan, fit and write `spec` beside the original at every site it applies to."""
+    from attnrewrite.validate.pipeline import write_beside
+
+    planned = []
+    for site_id, p in plans.items():
+        if plan_in is not None and plan_in["sites"].get(site_id) != spec.text:
+            continue
+        decision = spec.applies(p.site)
+        if isinstance(decision, str):
+            p.skipped[spec.label()] = decision
+        elif decision.needs_calibration and not pipeline.calibrated:
+            p.skipped[spec.label()] = "fits on real inputs; give --calib"
+        else:
+            planned.append((p.site, decision))
+    if not planned:
+        return
+    fitted, declined = pipeline._fit(model, spec, planned)
+    for site_id, reason in declined:
+        plans[site_id].skipped[spec.label()] = reason
+    for r in write_beside(model, spec, fitted, tag=f"auto{index}"):
+        plans[r.site.id].options.append(Option(spec, r.value, r.plan))
+
+
+def _shapes(pipeline, model, sites) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Q/K/V/bias shapes per site on one calibration sample (what the sites are timed at)."""
+    names = []
+    for s in sites:
+        names += [s.q.name, s.k.name, s.v.name] + ([s.bias.name] if s.bias is not None else [])
+    names = list(dict.fromkeys(names))
+    first = {k: v[:1] for k, v in pipeline.batches[0].items()}
+    values = run_batches(make_session(model, pipeline.base_dir, names), [first], names)
+    out = {}
+    for s in sites:
+        roles = {"q": s.q, "k": s.k, "v": s.v, **({"bias": s.bias} if s.bias is not None else {})}
+        out[s.id] = {role: tuple(values[v.name].shape) for role, v in roles.items()}
+    return out
+
+
+def _time(model: ir.Model, live: list[SitePlan], shapes, model_path: Path) -> None:
+    """Median ms of every option at every site, timed alone; shared by sites with equal shapes and
+    semantics and cached per model and shape."""
+    cache_path = _cache_path()
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:16]
+    pending: dict[str, tuple] = {}
+    keys = {}
+    for p in live:
+        shape = shapes[p.site.id]
+        semantics = json.dumps([shape, p.site.info.grid, p.site.info.prefix_tokens, p.site.info.suffix_tokens,
+                                p.site.info.bias_kind], default=str)
+        for option in p.options:
+            key = f"{digest}|{semantics}|{option.spec.text if option.spec else 'original'}"
+            keys[id(option)] = key
+            if key not in cache and key not in pending:
+                proto = (lone.rewritten(model, option.spec, p.site, option.plan, shape) if option.spec
+                         else lone.original(model, p.site, shape))
+                pending[key] = (proto, shape)
+    by_shape: dict[str, list[str]] = {}
+    for key, (_, shape) in pending.items():
+        by_shape.setdefault(json.dumps(shape), []).append(key)
+    for shape_text, group in by_shape.items():
+        feeds = lone.random_feeds({k: tuple(v) for k, v in json.loads(shape_text).items()})
+        results = B.bench_models([pending[k][0] for k in group], feeds, warmup=1, repeats=5)
+        for key, result in zip(group, results):
+            cache[key] = result.median_ms
+    if pending:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        from attnrewrite.validate.report import atomic_write
+
+        atomic_write(cache_path, json.dumps(cache, indent=1))
+    for p in live:
+        for option in p.options:
+            option.ms = float(cache[keys[id(option)]])
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "attnrewrite" / "site_costs.json"
+
+
+def _local_drift(pipeline, model, live: list[SitePlan]) -> None:
+    """Each option's own output against the site's original, on identical inputs (one run)."""
+    names = list(dict.fromkeys([p.site.output.name for p in live] + [o.value.name for p in live for o in p.options[1:]]))
+    values = run_batches(make_session(model, pipeline.base_dir, names), pipeline.batches, names)
+    for p in live:
+        for option in p.options[1:]:
+            option.local = M.site_metrics(values[p.site.output.name], values[option.value.name])
+
+
+def _drift(budget, metrics: dict) -> float:
+    """Distance of the budget metric from perfect on the budget's worst output."""
+    score = S.budget_score([budget], metrics)
+    value = -score if budget.op in (">=", ">") else score
+    return abs(value - PERFECT[budget.metric])
+
+
+#: a candidate must be at least this much faster than the site's original to be worth any drift
+MIN_GAIN = 0.95
+
+
+def _fastest(p: SitePlan) -> int:
+    """The fastest option that beats the original by the margin (timing noise buys no drift)."""
+    worth = [i for i, o in enumerate(p.options) if i == 0 or o.ms < MIN_GAIN * p.options[0].ms]
+    return min(worth, key=lambda i: (p.options[i].ms, p.options[i].drift))
+
+
+def _predicted(live: list[SitePlan]) -> float:
+    return float(sum(p.options[p.choice].drift for p in live))
+
+
+def _step(live: list[SitePlan]) -> bool:
+    """Move the one site whose switch to a more accurate option buys the most drift per ms."""
+    best, best_gain = None, 0.0
+    for p in live:
+        current = p.options[p.choice]
+        for i, option in enumerate(p.options):
+            if option.drift < current.drift and (i == 0 or option.ms < MIN_GAIN * p.options[0].ms):
+                gain = (current.drift - option.drift) / max(option.ms - current.ms, 1e-3)
+                if gain > best_gain:
+                    best, best_gain = (p, i), gain
+    if best is None:
+        return False
+    best[0].choice = best[1]
+    return True
+
+
+def _document(pipeline, plans: dict[str, SitePlan], start: float, *, predicted, measured, steps: int,
+              repairs: int) -> dict:
+    sites, chosen, base_ms, plan_ms = [], {}, 0.0, 0.0
+    for site_id, p in plans.items():
+        option = p.options[p.choice]
+        chosen[site_id] = option.spec.text if option.spec else "original"
+        if len(p.options) > 1:
+            base_ms += p.options[0].ms
+            plan_ms += option.ms
+        summary = {"chosen": option.label, "site ms": round(option.ms, 3), "original site ms": round(p.options[0].ms, 3)}
+        summary.update({f"{o.label}: ms / leave-one-in drift": f"{o.ms:.3f} / {o.drift:.3g}" for o in p.options[1:]})
+        summary.update({f"{label}: not here": why for label, why in p.skipped.items()})
+        status = "rewritten" if option.spec else ("reverted" if len(p.options) > 1 else "skipped")
+        if option.spec:
+            reason = None
+        elif len(p.options) > 1:
+            reason = "kept original attention: no candidate is both faster and within the budget here"
+        elif p.skipped:
+            reason = "no candidate applies: " + "; ".join(f"{k}: {v}" for k, v in p.skipped.items())
+        else:
+            reason = "kept original attention (as the plan says)"
+        sites.append({"id": site_id, "status": status, "reason": reason, "local": option.local,
+                      "accumulated": None, "plan": summary, "target": None, "sensitivity": option.alone})
+    return {
+        "sites": sites,
+        "plan": {"sites": chosen},
+        "auto": {"predicted_drift": predicted, "measured_drift": measured, "search_steps": steps, "repair_steps": repairs,
+                 "metric": pipeline.budgets[0].metric, "site_ms_original": round(base_ms, 3),
+                 "site_ms_plan": round(plan_ms, 3), "site_speedup": round(base_ms / plan_ms, 3) if plan_ms else None,
+                 "seconds": round(time.perf_counter() - start, 2)},
+    }

@@ -1,0 +1,112 @@
+"""`--pass auto`: per site the fastest candidate the budget allows, with `--plan` / `--plan-in`.
+
+On a synthetic ViT large enough that local variants are faster than softmax (24×24 grid + CLS), the
+plan meets the budget as measured, only picks options faster than the site's original (by the timing
+it reports), reports predicted and measured drift, and replays from its plan file to the same model.
+Bad requests are one sentence and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from attnrewrite.cli import main
+from tests.conftest import ort_run
+
+CANDIDATES = "auto:candidates=window:size=4x4|window:size=8x8|neighborhood:kernel=5|int8"
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if out.strip().startswith("{") else None), err
+
+
+@pytest.fixture(scope="module")
+def vit96(tmp_path_factory):
+    from attnrewrite.synthetic import vit
+
+    folder = tmp_path_factory.mktemp("vit96")
+    onnx.save(vit(depth=3, img=(96, 96), patch=4, dim=32, heads=2), folder / "vit.onnx")
+    np.savez(folder / "calib.npz", x=np.random.default_rng(0).standard_normal((4, 3, 96, 96)).astype(np.float32))
+    return folder / "vit.onnx", folder / "calib.npz"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_auto_plan_meets_the_budget_and_replays(capsys, tmp_path, vit96):
+    model, calib = vit96
+    rc, doc, err = run(capsys, model, "--pass", CANDIDATES, "--calib", calib, "-o", tmp_path / "a.onnx",
+                       "--budget", "cosine>=0.99", "--plan", tmp_path / "plan.json", "--json")
+    assert rc == 0, err
+    p = doc["passes"][0]
+    auto = p["auto"]
+    assert p["metrics_vs_original"]["logits"]["cosine"] >= 0.99
+    assert abs(auto["measured_drift"] - (1 - p["metrics_vs_original"]["logits"]["cosine"])) < 1e-9
+    assert auto["predicted_drift"] is not None and auto["site_ms_plan"] <= auto["site_ms_original"]
+    assert p["rewritten"], "local variants beat softmax at 577 tokens"
+    for site in p["sites"]:
+        plan = site["plan"]
+        if site["status"] == "rewritten":
+            assert plan["site ms"] < plan["original site ms"], plan
+        assert any(key.endswith("ms / leave-one-in drift") for key in plan)
+    assert (tmp_path / "cache" / "attnrewrite" / "site_costs.json").exists()
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert set(written["sites"]) == {s["id"] for s in p["sites"]}
+
+    rc, replay, err = run(capsys, model, "--pass", "auto", "--plan-in", tmp_path / "plan.json", "--calib", calib,
+                          "-o", tmp_path / "b.onnx", "--budget", "cosine>=0.99", "--json")
+    assert rc == 0, err
+    r = replay["passes"][0]
+    assert r["auto"]["predicted_drift"] is None  # replayed, not searched
+    assert [s["plan"]["chosen"] for s in r["sites"]] == [s["plan"]["chosen"] for s in p["sites"]]
+    x = np.load(calib)["x"]
+    np.testing.assert_allclose(ort_run(tmp_path / "b.onnx", {"x": x})["logits"],
+                               ort_run(tmp_path / "a.onnx", {"x": x})["logits"], atol=1e-6)
+    assert [i.name for i in onnx.load(tmp_path / "a.onnx").graph.input] == ["x"]
+
+
+def test_a_tight_budget_keeps_more_sites_original(capsys, tmp_path, vit96):
+    model, calib = vit96
+    chosen = {}
+    for budget in ("cosine>=0.9", "cosine>=0.99999"):
+        rc, doc, err = run(capsys, model, "--pass", CANDIDATES, "--calib", calib, "-o", tmp_path / "t.onnx", "--force",
+                           "--budget", budget, "--json")
+        assert rc == 0, err
+        p = doc["passes"][0]
+        chosen[budget] = p["auto"]["site_ms_plan"]
+        assert p["metrics_vs_original"]["logits"]["cosine"] >= float(budget.split(">=")[1])
+    assert chosen["cosine>=0.99999"] >= chosen["cosine>=0.9"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pass", "auto"], "needs a --budget"),
+    (["--pass", "auto", "--pass", "int8", "--budget", "cosine>=0.9"], "give it alone"),
+    (["--pass", "auto:candidates=bogus", "--budget", "cosine>=0.9"], "unknown pass"),
+    (["--pass", "auto:sizes=3", "--budget", "cosine>=0.9"], "candidates=SPEC"),
+    (["--pass", "auto", "--budget", "snr_db>=30"], "no perfect value"),
+    (["--pass", "int8", "--plan", "p.json"], "go with --pass auto"),
+])
+def test_bad_requests_are_one_sentence(capsys, tmp_path, vit96, args, message):
+    model, calib = vit96
+    rc, _, err = run(capsys, model, "--calib", calib, "-o", tmp_path / "x.onnx", *args)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_plan_in_naming_unknown_sites_is_refused(capsys, tmp_path, vit96):
+    model, calib = vit96
+    (tmp_path / "p.json").write_text(json.dumps({"sites": {"attn_99": "int8"}}))
+    rc, _, err = run(capsys, model, "--pass", "auto", "--plan-in", tmp_path / "p.json", "--calib", calib,
+                     "-o", tmp_path / "x.onnx", "--budget", "cosine>=0.9")
+    assert rc == 2 and "attn_99" in err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    rc, _, err = run(capsys, model, "--pass", "auto", "--plan-in", tmp_path / "bad.json", "--calib", calib,
+                     "-o", tmp_path / "x.onnx", "--budget", "cosine>=0.9")
+    assert rc == 2 and "not a plan" in err
