@@ -156,13 +156,13 @@ def _replay(sites, plan_in: dict):
 
 def _add_candidate(pipeline, model, spec: PassSpec, index: int, plans: dict[str, SitePlan], plan_in) -> None:
     """Plan, fit and write `spec` beside the original at every site it applies to."""
-    from attnrewrite.validate.pipeline import write_beside
+    from attnrewrite.validate.pipeline import plan_site, write_beside
 
     planned = []
     for site_id, p in plans.items():
         if plan_in is not None and plan_in["sites"].get(site_id) != spec.text:
             continue
-        decision = spec.applies(p.site)
+        decision = plan_site(spec, p.site)
         if isinstance(decision, str):
             p.skipped[spec.label()] = decision
         elif decision.needs_calibration and not pipeline.calibrated:

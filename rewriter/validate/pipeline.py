@@ -278,7 +278,7 @@ class Pipeline:
             if site.id not in chosen_ids:
                 report.sites.append(SiteOutcome(site.id, "unselected", "not selected by --sites"))
                 continue
-            decision = _plan(spec, site)
+            decision = plan_site(spec, site)
             if isinstance(decision, str):
                 report.sites.append(SiteOutcome(site.id, "skipped", decision))
             else:
@@ -484,7 +484,7 @@ def apply_unvalidated(model: ir.Model, spec: PassSpec, selectors: tuple[str, ...
     canonicalize(model)
     detection = detect(model)
     chosen = select(detection.sites, selectors) if selectors else detection.sites
-    planned = [(s, p) for s in chosen if not isinstance(p := _plan(spec, s), str)]
+    planned = [(s, p) for s in chosen if not isinstance(p := plan_site(spec, s), str)]
     if any(plan.needs_fit for _, plan in planned):
         raise InputError(f"pass {spec.label()} fits on calibration data; run it through the validated pipeline.")
     rewrites = write_beside(model, spec, planned)
@@ -495,7 +495,7 @@ def apply_unvalidated(model: ir.Model, spec: PassSpec, selectors: tuple[str, ...
     return [r.site.id for r in rewrites]
 
 
-def _plan(spec: PassSpec, site: AttentionSite) -> str | Plan:
+def plan_site(spec: PassSpec, site: AttentionSite) -> str | Plan:
     """Why the pass does not apply at `site`, or its plan there."""
     if not site.verified:
         return "not verified numerically"

@@ -1,0 +1,174 @@
+"""Plans from measured sensitivity: `--fallback` in leave-one-in order vs local-drift order, and
+`--pass auto` vs the best single-pass plan, on real weights, calibrated on one part of the data and
+audited on another.
+
+    python benchmarks/plans.py                         # digits ViT and MiniLM (~10 min on 2 cores)
+    python benchmarks/plans.py --only digits
+    python benchmarks/plans.py --only vitb             # transformers ViT-B/16 @ 1024² (random weights, photos)
+
+Per model and pass: `--fallback` at the budget with `--fallback-order local` (the old order) and with
+the default leave-one-in order; sites kept rewritten, calibration and held-out drift. Then `--pass
+auto:candidates=<the same passes>` at the same budget (predicted vs measured drift). Every written
+model is timed end to end with the original, interleaved in one process, on one held-out input; the
+"best single-pass plan" is the fastest fallback plan that meets the budget on calibration. Prints one
+table per model and writes `plans.json` and `plans.png` (held-out cosine against end-to-end speed-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples"), str(ROOT)]
+
+from accuracy import cli, export_minilm  # noqa: E402
+
+from attnrewrite.validate import bench as B  # noqa: E402
+
+MODELS = {
+    "digits": {"budget": "cosine>=0.99", "metric_output": "logits",
+               "passes": ["window:size=2x2", "window:size=4x4", "neighborhood:kernel=3", "neighborhood:kernel=5",
+                          "int8", "linear:local=2x2"]},
+    "minilm": {"budget": "sentence_embedding:cosine>=0.99", "metric_output": "sentence_embedding",
+               "passes": ["window:size=8", "window:size=16", "neighborhood:kernel=9", "neighborhood:kernel=17",
+                          "int8", "linear:local=8"]},
+    "vitb": {"budget": "cosine>=0.99", "metric_output": None,
+             "passes": ["window:size=8x8", "neighborhood:kernel=13", "int8"]},
+}
+
+
+def prepare(name: str, out: Path) -> tuple[Path, Path, Path]:
+    """(model, calibration .npz, held-out .npz) for one model."""
+    if name == "digits":
+        from digits_vit import train_digits_vit
+
+        p = train_digits_vit(out / "digits", epochs=12, seed=0)["paths"]
+        return Path(p["model"]), Path(p["calib"]), Path(p["data"])
+    if name == "minilm":
+        return export_minilm(out)
+    from models import preset
+    from quant_speed import photo_calibration
+
+    model = preset("hf_vit_b16_1024", out)
+    calib = photo_calibration(out / "astronaut_1024.npz", 1024)
+    held = out / "coffee_1024.npz"
+    if not held.exists():
+        from skimage import data, transform
+
+        photo = transform.resize(data.coffee(), (1024, 1024), anti_aliasing=True).astype(np.float32)
+        np.savez(held, pixel_values=((photo - 0.5) / 0.5).transpose(2, 0, 1)[None])
+    return model, calib, held
+
+
+def held_out_cosine(model: Path, target: Path, held: Path, output: str | None) -> float | None:
+    rc, audit, _ = cli("audit", model, target, "--calib", held, "--budget", "cosine>=0", "--json")
+    metrics = (audit or {}).get("model_metrics", {})
+    values = [m["cosine"] for name, m in metrics.items() if output in (None, name) and "cosine" in m]
+    return min(values) if values else None
+
+
+def model_rows(name: str, out: Path, repeats: int) -> list[dict]:
+    cfg = MODELS[name]
+    model, calib, held = prepare(name, out)
+    rows = []
+
+    def run(label: str, spec: str, *extra: str) -> None:
+        target = out / f"{model.stem}.plan_{len(rows)}.onnx"
+        rc, doc, err = cli(model, "--pass", spec, "--calib", calib, "-o", target, "--force", "--json",
+                           "--budget", cfg["budget"], *extra)
+        if doc is None or not target.exists():
+            rows.append({"model": name, "plan": label, "error": err})
+            return
+        p = doc["passes"][0]
+        total = sum(1 for s in p["sites"] if s["status"] in ("rewritten", "reverted"))
+        metrics = p["metrics_vs_original"]
+        cos = [m["cosine"] for o, m in metrics.items() if cfg["metric_output"] in (None, o)]
+        rows.append({"model": name, "plan": label, "path": str(target), "meets_budget": rc == 0,
+                     "sites": f"{len(p['rewritten'])}/{total}", "calib_cosine": min(cos),
+                     "heldout_cosine": held_out_cosine(model, target, held, cfg["metric_output"]),
+                     **({"predicted_drift": p["auto"]["predicted_drift"], "measured_drift": p["auto"]["measured_drift"],
+                         "chosen": {s["id"]: s["plan"]["chosen"] for s in p["sites"]}} if "auto" in p else {})})
+
+    for spec in cfg["passes"]:
+        run(f"{spec} --fallback-order local", spec, "--fallback", "--fallback-order", "local")
+        run(f"{spec} --fallback", spec, "--fallback")
+    run("auto", "auto:candidates=" + "|".join(cfg["passes"]))
+    timed = [r for r in rows if "path" in r]
+    feeds = {k: v[:1] for k, v in np.load(held).items()}
+    results = B.bench_models([str(model)] + [r["path"] for r in timed], feeds, warmup=1, repeats=repeats)
+    base = results[0].median_ms
+    for r, res in zip(timed, results[1:]):
+        r["e2e_ms"], r["speedup"] = res.median_ms, base / res.median_ms
+    rows.insert(0, {"model": name, "plan": "original", "e2e_ms": base, "speedup": 1.0, "sites": "-"})
+    singles = [r for r in timed if r["plan"].endswith(" --fallback") and r["meets_budget"]]
+    if singles:
+        best = max(singles, key=lambda r: r["speedup"])
+        best["best_single"] = True
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    for name in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n{name}: budget {MODELS[name]['budget']}\n| plan | sites | calib cosine | held-out cosine | e2e ms | "
+              "speed-up | predicted / measured drift |\n| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            if r["model"] != name:
+                continue
+            if "error" in r:
+                print(f"| `{r['plan']}` | error: {r['error']} | | | | | |")
+                continue
+            f = lambda k, spec=".4f": format(r[k], spec) if r.get(k) is not None else "-"  # noqa: E731
+            drift = f"{r['predicted_drift']:.4f} / {r['measured_drift']:.4f}" if r.get("predicted_drift") is not None else "-"
+            star = " (best single pass)" if r.get("best_single") else ""
+            print(f"| `{r['plan']}`{star} | {r['sites']} | {f('calib_cosine')} | {f('heldout_cosine')} | "
+                  f"{f('e2e_ms', '.1f')} | {f('speedup', '.2f')}× | {drift} |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["model"] == name and r.get("heldout_cosine") is not None and "speedup" in r]
+        for kind, marker, test in (("fallback, local order", "v", lambda r: "local" in r["plan"]),
+                                   ("fallback, leave-one-in order", "o", lambda r: r["plan"].endswith(" --fallback")),
+                                   ("auto", "*", lambda r: r["plan"] == "auto")):
+            pts = [r for r in mine if test(r)]
+            ax.scatter([r["speedup"] for r in pts], [r["heldout_cosine"] for r in pts], marker=marker, s=60, label=kind)
+        threshold = float(MODELS[name]["budget"].split(">=")[1])
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=0.8, label="budget")
+        ax.set_xlabel("end-to-end speed-up vs original (ORT CPU)")
+        ax.set_ylabel("held-out cosine")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "plans")
+    ap.add_argument("--only", choices=tuple(MODELS), action="append")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.only or ("digits", "minilm"):
+        rows += model_rows(name, args.out, args.repeats)
+    print_table(rows)
+    (args.out / "plans.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, args.out / "plans.png")
+    print(f"\nwrote {args.out / 'plans.json'} and {args.out / 'plans.png'}")
+
+
+if __name__ == "__main__":
+    main()
