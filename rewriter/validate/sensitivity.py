@@ -5,9 +5,10 @@ model: on a real DINOv2 it ranks sites with Spearman 0.59 against the measured e
 decide with is the model-level drift when *only that site* is rewritten. Measuring it naively takes
 one session per site and per fallback step; instead every rewritten site's consumers read
 
-    Where(gate_i, new attention, original attention)        gate_i: a boolean graph input
+    Where(gate_i == 2, alternative 2, Where(gate_i == 1, alternative 1, original attention))
 
-so one session runs any subset of rewrites switched on, by feeding gates. `GatedModel.close` then
+with gate_i an int64 graph input, so one session runs any assignment of alternatives (a pass's rewrite
+for `--fallback`, several candidates for `--pass auto`) by feeding gates. `GatedModel.close` then
 points each site at the branch chosen and removes the gates, leaving the model as `switch` would.
 """
 
