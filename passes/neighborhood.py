@@ -13,8 +13,10 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes.spatial.common import (
-    GLOBAL_TOKENS, KEEP_GLOBAL, LAYOUT, PREFIX, SpatialPlan, fits, grid_last, per_axis, sequence_prefix, spatial_frame,
+    GLOBAL_TOKENS, KEEP_GLOBAL, LAYOUT, PREFIX, SpatialPlan, fits, grid_last, in_token_order, per_axis, sequence_prefix,
+    spatial_frame,
 )
+from attnrewrite.passes.spatial import reference as R
 from attnrewrite.registry import BasePass, Param, show_size, size2d
 from attnrewrite.site import AttentionSite
 
@@ -77,6 +79,21 @@ class NeighborhoodPass(BasePass):
         return grid_last(t, site, lambda q, k, v, bias: E.emit_neighborhood(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix,
             kernel=effective_kernel(kernel, d, grid), dilation=d, prefix_mode=options["prefix"]))
+
+    def allowed(self, site: AttentionSite, plan: SpatialPlan):
+        """bool [N, N]: the keys each query sees, from the reference masks (the torch front-end's
+        variant module; tested equal to what `rewrite` emits)."""
+        options, grid, prefix = plan.options, plan.grid, plan.prefix
+        d = options["dilation"]
+        if grid is None:
+            local = site.q_len - prefix
+            k = effective_kernel(options["kernel"], d, (local, local))
+            return R.allowed_sliding_1d(site.q_len, min(k[1], local // d[1]), prefix, "centered", options["prefix"], d[1])
+        kernel, d = per_axis(options["kernel"], grid, "kernel")[0], per_axis(d, grid, "dilation")[0]
+        kernel = effective_kernel(kernel, d, grid)
+        if len(grid) == 3:
+            return in_token_order(site, R.allowed_neighborhood_3d(grid, prefix, kernel, d, options["prefix"]))
+        return in_token_order(site, R.allowed_neighborhood(grid, prefix, kernel, d, options["prefix"]))
 
 
 def effective_kernel(kernel: tuple[int, ...], dilation: tuple[int, ...], sides: tuple[int, ...]) -> tuple[int, ...]:

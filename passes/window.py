@@ -12,9 +12,10 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes.spatial.common import (
-    GLOBAL_TOKENS, KEEP_GLOBAL, LAYOUT, PREFIX, SpatialPlan, fits, grid_last, narrower, only_2d, per_axis,
-    sequence_prefix, spatial_frame,
+    GLOBAL_TOKENS, KEEP_GLOBAL, LAYOUT, PREFIX, SpatialPlan, fits, grid_last, in_token_order, narrower, only_2d,
+    per_axis, sequence_prefix, spatial_frame,
 )
+from attnrewrite.passes.spatial import reference as R
 from attnrewrite.registry import BasePass, Param, non_negative_int, positive_int, show_size, size2d
 from attnrewrite.site import AttentionSite
 
@@ -70,6 +71,19 @@ class WindowPass(BasePass):
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, size=size,
             shift=_shift(site, size, options["shift"]), prefix_mode=options["prefix"]))
 
+    def allowed(self, site: AttentionSite, plan: SpatialPlan):
+        """bool [N, N]: the keys each query sees, from the reference masks (the torch front-end's
+        variant module; tested equal to what `rewrite` emits)."""
+        options, grid, prefix = plan.options, plan.grid, plan.prefix
+        if grid is None:
+            local = site.q_len - prefix
+            return R.allowed_sliding_1d(site.q_len, min(max(options["size"]), local), prefix, "block", options["prefix"])
+        size, _ = per_axis(options["size"], grid, "size")
+        shift = _shift(site, size, options["shift"])
+        if len(grid) == 3:
+            return in_token_order(site, R.allowed_window_3d(grid, prefix, size, shift, options["prefix"]))
+        return in_token_order(site, R.allowed_window(grid, prefix, size, shift, options["prefix"]))
+
 
 class GridPass(BasePass):
     name = "grid"
@@ -94,6 +108,10 @@ class GridPass(BasePass):
         return grid_last(t, site, lambda q, k, v, bias: E.emit_grid(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, size=options["size"],
             prefix_mode=options["prefix"]))
+
+    def allowed(self, site: AttentionSite, plan: SpatialPlan):
+        """bool [N, N] from the reference masks (see `WindowPass.allowed`)."""
+        return in_token_order(site, R.allowed_grid(plan.grid, plan.prefix, plan.options["size"], plan.options["prefix"]))
 
 
 class HaloPass(BasePass):

@@ -168,3 +168,18 @@ def grid_last(t: ir_tape.Tape, site: AttentionSite, emit) -> ir.Value:
     restored = rotate(out, 2, s)
     restored.type, restored.shape = out.type, out.shape
     return restored
+
+
+def in_token_order(site: AttentionSite, allowed):
+    """An allowed mask laid out as the emitters see tokens (`grid_last`: tokens after the grid moved
+    to the front) back in the site's own token order."""
+    s = site.suffix_tokens
+    if not s:
+        return allowed
+    import numpy as np
+
+    n = allowed.shape[0]
+    order = np.concatenate([np.arange(n - s, n), np.arange(0, n - s)])
+    out = np.empty_like(allowed)
+    out[np.ix_(order, order)] = allowed
+    return out
