@@ -206,15 +206,12 @@ class LinearPass(BasePass):
         prefix = plan.local.prefix if plan.local else (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
         report = {}
         if options["phi"] == "fitted":
-            # a hybrid's linear part only serves the keys outside the local set: fit it on those
-            local = plan.local.allowed() if plan.local is not None and options["objective"] == "attn" else None
             result = fit_feature_maps(q, k, v, target, scale=site.scale, dim=options["dim"], steps=options["steps"],
                                       objective=options["objective"], seed=options["seed"], prefix=prefix,
-                                      key_weight=weight, local=local)
+                                      key_weight=weight)
             if result.failure:
                 return f"phi=fitted: {result.failure}; the site keeps its softmax attention"
             report = {"fitted with": result.backend,
-                      "fitted on": "keys outside the local set" if local is not None else "every key",
                       "held-out weight KL before (elu1)": result.kl_before, "held-out weight KL after": result.kl_after,
                       "held-out output cosine before (elu1)": result.cosine_before,
                       "held-out output cosine after": result.cosine_after}

@@ -85,12 +85,10 @@ class Problem:
     teacher: np.ndarray
     weight: np.ndarray | None
     objective: str
-    #: [R, N] 1.0 on the keys the linear map serves (outside a hybrid's local set), None: every key
-    outside: np.ndarray | None = None
 
 
 def make_problem(q, k, v, target, part: slice, rows: np.ndarray, *, scale: float, key_weight, objective: str,
-                 samples: int, outside: np.ndarray | None = None) -> Problem:
+                 samples: int) -> Problem:
     weight = None
     if key_weight is not None:
         weight = np.asarray(key_weight, np.float32)
@@ -101,20 +99,16 @@ def make_problem(q, k, v, target, part: slice, rows: np.ndarray, *, scale: float
         logits = scale * qr @ np.swapaxes(kp, -1, -2)
         if weight is not None:
             logits = logits + np.log(np.maximum(np.swapaxes(weight, -1, -2), 1e-30))
-        if outside is not None:
-            logits = np.where(outside > 0, logits, -np.inf)
         teacher = _softmax(logits).astype(np.float32)
     return Problem(qr, kp, np.asarray(v[part], np.float32), np.asarray(target[part][:, :, rows], np.float32),
-                   teacher, weight, objective, outside)
+                   teacher, weight, objective)
 
 
 def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, objective: str, seed: int,
                      prefix: int = 0, key_weight: np.ndarray | None = None, lr: float = 1e-2,
-                     backend: str = "auto", local: np.ndarray | None = None) -> FitResult:
+                     backend: str = "auto") -> FitResult:
     """Fit per-head maps on the first samples of `q, k, v, target` ([S, h, N, d]); report on the rest.
-    `backend`: auto (torch when installed, else numpy), torch or numpy. `local` ([N, N] bool, a
-    hybrid's exact local sets) restricts the fit to the keys outside them (`objective=attn` only:
-    the output the linear part alone should produce is not observable)."""
+    `backend`: auto (torch when installed, else numpy), torch or numpy."""
     samples, heads, n, d = q.shape
     if samples * (n - prefix) < 2 * dim:
         raise InputError(f"phi=fitted with dim={dim} needs at least {2 * dim} calibration query rows per head; "
@@ -127,14 +121,8 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
     root = scale ** 0.5
     init = [(rng.standard_normal((heads, d, dim)) * root).astype(np.float32), np.zeros((heads, 1, dim), np.float32),
             (rng.standard_normal((heads, d, dim)) * root).astype(np.float32), np.zeros((heads, 1, dim), np.float32)]
-    candidates = np.arange(prefix, n)
-    if local is not None:
-        candidates = candidates[(~local[candidates]).any(axis=1)]  # rows with keys outside the local set
-        if candidates.size == 0:
-            return FitResult(None, backend, [], [], [], [], failure="the local set covers every key; no linear part to fit")
-    rows = rng.permutation(candidates)[:MAX_QUERY_ROWS]
-    outside = None if local is None else (~local[rows]).astype(np.float32)
-    common = {"scale": scale, "key_weight": key_weight, "objective": objective, "samples": samples, "outside": outside}
+    rows = rng.permutation(n - prefix)[:MAX_QUERY_ROWS] + prefix
+    common = dict(scale=scale, key_weight=key_weight, objective=objective, samples=samples)
     problem = make_problem(q, k, v, target, fit_part, rows, **common)
     adam = adam_torch if backend == "torch" else adam_numpy
     params, failure = adam(problem, init, steps, lr)
@@ -169,8 +157,6 @@ def weights_and_output(problem: Problem, fq: np.ndarray, fk: np.ndarray) -> tupl
     if problem.weight is not None:
         fk = fk * problem.weight
     a = fq @ np.swapaxes(fk, -1, -2)
-    if problem.outside is not None:
-        a = a * problem.outside
     a = a / (a.sum(-1, keepdims=True) + NORM_EPS)
     return a, a @ problem.v
 
@@ -199,8 +185,6 @@ def loss_and_grads(problem: Problem, params: list[np.ndarray]) -> tuple[float, l
     fk, k_halves = _features(problem.k, wk, bk)
     fkw = fk if problem.weight is None else fk * problem.weight
     raw = fq @ np.swapaxes(fkw, -1, -2)
-    if problem.outside is not None:
-        raw = raw * problem.outside
     norm = raw.sum(-1, keepdims=True) + NORM_EPS
     a = raw / norm
     if problem.objective == "attn":
@@ -213,8 +197,6 @@ def loss_and_grads(problem: Problem, params: list[np.ndarray]) -> tuple[float, l
         loss = float((diff * diff).mean())
         grad_a = (2.0 / diff.size) * diff @ np.swapaxes(problem.v, -1, -2)
     grad_raw = (grad_a - (grad_a * a).sum(-1, keepdims=True)) / norm
-    if problem.outside is not None:
-        grad_raw = grad_raw * problem.outside
     grad_fq = grad_raw @ fkw
     grad_fk = np.swapaxes(grad_raw, -1, -2) @ fq
     if problem.weight is not None:
@@ -261,8 +243,6 @@ def torch_loss(problem: Problem, params, torch):
     if problem.weight is not None:
         fk = fk * torch.as_tensor(problem.weight)
     a = fq @ fk.transpose(-1, -2)
-    if problem.outside is not None:
-        a = a * torch.as_tensor(problem.outside)
     a = a / (a.sum(-1, keepdim=True) + NORM_EPS)
     if problem.objective == "attn":
         p = t["teacher"]

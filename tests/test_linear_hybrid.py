@@ -153,16 +153,6 @@ def test_cli_hybrid_reports_gamma_and_beats_plain_linear(capsys, tmp_path, vit32
     assert p["metrics_vs_original"]["logits"]["cosine"] > plain
 
 
-def test_cli_fitted_hybrid_fits_the_keys_outside_the_local_set(capsys, tmp_path, vit32):
-    model, calib = vit32
-    rc, out, err = _run(capsys, model, "--pass", "linear:phi=fitted,dim=8,steps=20,local=2x2", "--calib", calib,
-                        "-o", tmp_path / "f.onnx", "--json")
-    assert rc == 0, err
-    for site in json.loads(out)["passes"][0]["sites"]:
-        assert site["plan"]["fitted on"] == "keys outside the local set"
-        assert len(site["plan"]["mix γ (local weight)"]) == 2
-
-
 def test_cli_hybrid_needs_real_calibration(capsys, tmp_path, vit32):
     model, _ = vit32
     rc, _, err = _run(capsys, model, "--pass", "linear:local=2x2", "-o", tmp_path / "x.onnx")
