@@ -1,0 +1,197 @@
+"""The torch front-end (`from attnrewrite import torch as art`): same sites, same passes, same math.
+
+On timm-style ViTs (fused SDPA and hand-written softmax): `inspect` gives the SiteInfo the ONNX path
+gives for the exported model; every supported pass, rewritten in torch and exported, equals the ONNX
+path's rewrite of the exported original within 1e-5; the linear modules equal the numpy references
+(fitted maps and the hybrid included) and train; the original module is never modified; bad input is
+one sentence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from attnrewrite import torch as art  # noqa: E402
+from attnrewrite.errors import InputError  # noqa: E402
+from attnrewrite.passes import linear as L  # noqa: E402
+from attnrewrite.passes import linear_fit as LF  # noqa: E402
+from attnrewrite.passes import linear_hybrid as H  # noqa: E402
+from attnrewrite.registry import parse_pass  # noqa: E402
+from attnrewrite.synthetic import lone_site  # noqa: E402
+from attnrewrite.torch import modules as V  # noqa: E402
+from tests.conftest import ort_run  # noqa: E402
+from tests.fixtures.vision import ViT, ViTConfig  # noqa: E402
+
+
+def _vit(attn="fused", registers=0, seed=0):
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(attn=attn, registers=registers, depth=2), (64, 64)).eval()  # 8×8 grid of 8-px patches
+
+
+def _inputs(n=1, seed=0):
+    return (torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)),)
+
+
+@pytest.mark.parametrize("attn,registers", [("fused", 0), ("manual", 0), ("fused", 4)])
+def test_inspect_gives_the_onnx_paths_site_info(capsys, tmp_path, attn, registers):
+    import json
+
+    from attnrewrite.cli import main
+
+    model = _vit(attn, registers)
+    sites = art.inspect(model, _inputs())
+    path = art.export(model, _inputs(), str(tmp_path / "m.onnx"))
+    assert main(["inspect", path, "--json"]) == 0
+    onnx_sites = json.loads(capsys.readouterr().out)["sites"]
+    assert len(sites) == len(onnx_sites) == 2
+    for a, b in zip(sites, onnx_sites):
+        assert a.grid == tuple(b["grid"]) and a.prefix_tokens == b["prefix_tokens"] == 1 + registers
+        for field in ("num_heads", "head_dim", "q_len", "kv_len", "kind"):
+            assert getattr(a, field) == b[field], (field, getattr(a, field), b[field])
+        assert a.bias_kind == b["bias"] and abs(a.scale - b["scale"]) < 1e-6
+
+
+PASSES = ["sdpa", "window:size=4x4", "window:size=2x2,shift=alternate", "neighborhood:kernel=3,dilation=2",
+          "grid:size=2", "linear", "linear:phi=relu,prefix=exact"]
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """The exported original per (attention style, registers), exported once for every pass."""
+    cache = {}
+
+    def get(attn, registers):
+        if (attn, registers) not in cache:
+            path = tmp_path_factory.mktemp("orig") / "orig.onnx"
+            cache[attn, registers] = art.export(_vit(attn, registers), _inputs(), str(path))
+        return cache[attn, registers]
+
+    return get
+
+
+@pytest.mark.parametrize("spec,attn", [(p, "fused") for p in PASSES] + [(p, "manual") for p in ("window:size=4x4", "linear")])
+def test_exported_rewrite_equals_the_onnx_path(capsys, tmp_path, originals, spec, attn):
+    from attnrewrite.cli import main
+
+    registers = 2 if "window" in spec else 0
+    model = _vit(attn, registers)
+    new, report = art.rewrite(model, _inputs(), [spec], calib=[_inputs(2, seed=1)])
+    assert report["passes"][0]["rewritten"] == ["attn_0", "attn_1"], report
+    art.export(new, _inputs(), str(tmp_path / "torch.onnx"))
+    rc = main([originals(attn, registers), "--pass", spec, "-o", str(tmp_path / "onnx.onnx"), "--json"])
+    capsys.readouterr()
+    assert rc == 0
+    x = _inputs(3, seed=2)[0].numpy()
+    got = list(ort_run(str(tmp_path / "torch.onnx"), {_input_name(tmp_path / "torch.onnx"): x}).values())[0]
+    want = list(ort_run(str(tmp_path / "onnx.onnx"), {_input_name(tmp_path / "onnx.onnx"): x}).values())[0]
+    assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+    with torch.no_grad():
+        assert np.abs(new(torch.as_tensor(x)).numpy() - want).max() < 1e-5
+
+
+def _input_name(path) -> str:
+    import onnx
+
+    return onnx.load(str(path)).graph.input[0].name
+
+
+def _linear_case(spec, grid=(4, 4), prefix=1, fitted=False, gamma=None, correction=False):
+    rng = np.random.default_rng(0)
+    tokens = prefix + grid[0] * grid[1]
+    _, site = lone_site(2, 2, tokens, 8, scale=0.35, grid=grid, prefix=prefix)
+    plan = L.LINEAR.applies(site, parse_pass(spec).options)
+    changes = {}
+    if fitted:
+        changes["maps"] = LF.FeatureMaps(*(rng.standard_normal(s).astype(np.float32) * 0.5
+                                           for s in ((2, 8, 5), (2, 1, 5), (2, 8, 5), (2, 1, 5))))
+    if gamma is not None:
+        changes["gamma"] = np.asarray(gamma, np.float32)
+    if correction:
+        changes["correction"] = (np.eye(8, dtype=np.float32)[None].repeat(2, 0) + 0.1 * rng.standard_normal((2, 8, 8)).astype(np.float32),
+                                 rng.standard_normal((2, 1, 8)).astype(np.float32))
+    plan = dataclasses.replace(plan, **changes)
+    q, k, v = (rng.standard_normal((2, 2, tokens, 8)).astype(np.float32) for _ in range(3))
+    return site, plan, q, k, v
+
+
+@pytest.mark.parametrize("spec,fitted,gamma,correction", [
+    ("linear", False, None, False),
+    ("linear:phi=fitted", True, None, False),
+    ("linear:phi=fitted,prefix=exact,fit=ridge", True, None, True),
+    ("linear:local=2x2", False, [0.3, 0.8], False),
+    ("linear:phi=fitted,local=2x2,fit=ridge", True, [0.6, 0.1], True),
+])
+def test_linear_module_equals_the_reference(spec, fitted, gamma, correction):
+    site, plan, q, k, v = _linear_case(spec, fitted=fitted, gamma=gamma, correction=correction)
+    prefix = plan.local.prefix if plan.local else (1 if plan.options["prefix"] == "exact" else 0)
+    module = V.LinearAttention(plan, site.scale, 2, prefix, plan.local.allowed() if plan.local else None)
+    with torch.no_grad():
+        got = module(*(torch.as_tensor(x) for x in (q, k, v))).numpy()
+    fq, fk = L.features_reference(q, k, scale=site.scale, phi=plan.options["phi"], maps=plan.maps)
+    if plan.local is not None:
+        want = H.hybrid_reference(q, k, v, scale=site.scale, allowed=plan.local.allowed(), gamma=plan.gamma, fq=fq, fk=fk)
+    else:
+        want = L.linear_reference(q, k, v, scale=site.scale, phi=plan.options["phi"], eps=1e-6, maps=plan.maps)
+        if prefix:
+            logits = site.scale * q[:, :, :prefix].astype(np.float64) @ np.swapaxes(k, -1, -2)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            want[:, :, :prefix] = (p / p.sum(-1, keepdims=True)) @ v
+    if plan.correction is not None:
+        r, b = plan.correction
+        want[:, :, prefix:] = want[:, :, prefix:] @ r[None] + b[None]
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_fitted_modules_train():
+    site, plan, q, k, v = _linear_case("linear:phi=fitted,local=2x2", fitted=True, gamma=[0.5, 0.5])
+    module = V.LinearAttention(plan, site.scale, 2, plan.local.prefix, plan.local.allowed())
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert {"maps.0", "maps.1", "maps.2", "maps.3", "gamma_logit"} <= names
+    module(*(torch.as_tensor(x) for x in (q, k, v))).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_rewrite_fits_on_calibration_and_reports(tmp_path):
+    model = _vit("manual")
+    calib = [_inputs(4, seed=s) for s in range(2)]
+    new, report = art.rewrite(model, _inputs(), ["linear:phi=fitted,dim=8,steps=20,local=2x2"], calib=calib,
+                              budgets=["cosine>=0.5"])
+    p = report["passes"][0]
+    assert p["rewritten"] == ["attn_0", "attn_1"] and report["status"] == "ok"
+    for site in p["sites"]:
+        assert site["plan"]["fitted with"] in ("torch", "numpy") and 0 < site["local"]["cosine"] <= 1 + 1e-6
+    trainable = [n for n, prm in new.named_parameters() if "attnrewrite" in n]
+    assert trainable, "fitted constants are parameters of the rewritten module"
+
+
+def test_original_module_is_not_modified():
+    model = _vit("fused")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {n for n, _ in model.named_modules()}
+    art.rewrite(model, _inputs(), ["window:size=4x4"])
+    assert {n for n, _ in model.named_modules()} == names
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_passes_without_a_torch_module_leave_sites_with_the_reason():
+    _, report = art.rewrite(_vit("fused"), _inputs(), ["int8"])
+    sites = report["passes"][0]["sites"]
+    assert all(s["status"] == "skipped" and "no torch module yet" in s["reason"] for s in sites)
+
+
+def test_bad_inputs_are_one_sentence():
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x.softmax(-1)
+            return x
+
+    with pytest.raises(InputError, match="torch.export cannot trace"):
+        art.inspect(Untraceable(), (torch.randn(2, 3),))
+    with pytest.raises(InputError, match="does not match example_inputs"):
+        art.rewrite(_vit(), _inputs(), ["sdpa"], calib=[(torch.randn(1, 3, 32, 32),)])
