@@ -55,6 +55,8 @@ def cli() -> None:
       attnrewrite bench a.onnx b.onnx
       attnrewrite kernels check --interpret       fused GPU kernels vs their references
       attnrewrite m.onnx --pass window --target tensorrt; attnrewrite build m.window.trt.onnx --engine m.plan
+      attnrewrite m.onnx --pass auto --budget 'cosine>=0.99' --calib data.npz --report out/
+      attnrewrite torch pkg.mod:factory --input-shape x=1x3x224x224 --pass window:size=7 -o m.onnx
 
     Exit codes: 0 ok, 1 accuracy budget exceeded, 2 usage/input error, 3 runtime failure,
     4 no attention found.
@@ -348,6 +350,83 @@ def dataclasses_asdict(obj):
     import dataclasses
 
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(obj).items()}
+
+
+@cli.command("torch")
+@click.argument("factory", metavar="PKG.MODULE:FACTORY")
+@click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="NAME=1x3x224x224",
+              help="Name and shape of each input the module takes, in order (repeatable); random example inputs.")
+@click.option("--pass", "passes", multiple=True, required=True, metavar="NAME[:k=v,...]", help="Pass to apply (repeatable).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="ONNX file to write.")
+@click.option("--calib", type=click.Path(dir_okay=False, path_type=str),
+              help=".npz with one array per input name (samples on axis 0) to fit and validate on.")
+@click.option("--budget", "budget_texts", multiple=True, help="Accuracy budget on the module's outputs (exit 1 if not met).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def torch_cmd(factory, input_shapes, passes, output, calib, budget_texts, as_json, force):
+    """Rewrite the nn.Module that FACTORY builds (the torch front-end) and export it to ONNX."""
+    import importlib
+
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        raise InputError("the torch front-end needs torch (pip install 'attnrewrite[torch]').") from None
+    from attnrewrite import torch as art
+
+    if os.path.exists(output) and not force:
+        raise InputError(f"{output} already exists; pass --force to overwrite it.")
+    module_name, _, attr = factory.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise InputError(f"cannot import {factory!r} ({exc}); give PKG.MODULE:FACTORY, a callable that returns the module.") from None
+    module = builder()
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"{factory} returned {type(module).__name__}, not a torch.nn.Module.")
+    names, shapes = [], []
+    for text in input_shapes:
+        name, _, dims = text.partition("=")
+        try:
+            shapes.append(tuple(int(d) for d in dims.lower().split("x")))
+        except ValueError:
+            raise InputError(f"--input-shape {text!r}: write NAME=1x3x224x224.") from None
+        names.append(name)
+    generator = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(shape, generator=generator) for shape in shapes)
+    batches = None
+    if calib:
+        data = np.load(calib)
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise InputError(f"{calib} lacks arrays for the inputs {missing} (it has {list(data)}).")
+        count = len(data[names[0]])
+        batches = [tuple(torch.as_tensor(data[n][i:i + 8]) for n in names) for i in range(0, count, 8)]
+    new, report = art.rewrite(module, example, list(passes), calib=batches, budgets=list(budget_texts))
+    fd, tmp = __import__("tempfile").mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(output)))
+    os.close(fd)
+    try:
+        art.export(new, example, tmp, input_names=names)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    report = {"command": "torch", "factory": factory, "output": output, **report}
+    if as_json:
+        emit_json(report)
+    else:
+        for p in report["passes"]:
+            Console(stderr=False).print(f"pass {p['label']}: rewrote {', '.join(p['rewritten']) or 'no site'}")
+            for site in p["sites"]:
+                if site["status"] != "rewritten":
+                    Console(stderr=False).print(escape(f"  {site['id']}: {site['status']} ({site['reason']})"))
+        Console(stderr=False).print(escape(f"model drift vs original: {report['metrics_vs_original']}"))
+        Console(stderr=False).print(f"wrote {output}")
+    if report["budget_failures"]:
+        from attnrewrite.errors import BudgetExceeded
+
+        raise BudgetExceeded("accuracy budget not met: " + "; ".join(report["budget_failures"]) + ".")
 
 
 @cli.command("passes")

@@ -195,3 +195,35 @@ def test_bad_inputs_are_one_sentence():
         art.inspect(Untraceable(), (torch.randn(2, 3),))
     with pytest.raises(InputError, match="does not match example_inputs"):
         art.rewrite(_vit(), _inputs(), ["sdpa"], calib=[(torch.randn(1, 3, 32, 32),)])
+
+
+def test_cli_rewrites_a_factorys_module(capsys, tmp_path):
+    import json
+
+    from attnrewrite.cli import main
+
+    x = _inputs(6, seed=3)[0].numpy()
+    np.savez(tmp_path / "calib.npz", pixel_values=x)
+    out = tmp_path / "m.onnx"
+    rc = main(["torch", "tests.torch_factories:tiny_vit", "--input-shape", "pixel_values=1x3x64x64",
+               "--pass", "window:size=4x4", "--calib", str(tmp_path / "calib.npz"), "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads(captured.out)
+    assert doc["passes"][0]["rewritten"] == ["attn_0", "attn_1"] and doc["status"] == "ok"
+    y = ort_run(str(out), {"pixel_values": x[:3]})
+    assert list(y.values())[0].shape == (3, 10)
+    rc = main(["torch", "tests.torch_factories:tiny_vit", "--input-shape", "pixel_values=1x3x64x64",
+               "--pass", "window:size=4x4", "-o", str(out)])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factory,message", [("tests.torch_factories:missing", "cannot import"),
+                                             ("tests.torch_factories:not_a_module", "not a torch.nn.Module"),
+                                             ("no_such_package.mod:f", "cannot import")])
+def test_cli_bad_factories_are_one_sentence(capsys, tmp_path, factory, message):
+    from attnrewrite.cli import main
+
+    rc = main(["torch", factory, "--input-shape", "x=1x3x64x64", "--pass", "sdpa", "-o", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
