@@ -154,3 +154,15 @@ def test_digits_flow_through_the_cli_with_an_exact_pass(digits, tmp_path, capsys
     assert row["cosine"] > 0.99999 and row["agreement"] == 1.0 and row["audit"] == "ok", row
     assert row["speedup"] is not None, row  # bench timed both models (no assertion on the timing itself)
     assert "attn_3" in capsys.readouterr().out, "inspect did not list the four sites"
+
+
+def test_finetune_example_runs_end_to_end(tmp_path):
+    """examples/finetune_window.py on a tiny schedule: rewrite in torch, fine-tune, export, audit; the
+    exported ONNX scores what the tuned module scores."""
+    ft = _load("examples/finetune_window.py")
+    rows = ft.main(["--out", str(tmp_path), "--train-epochs", "1", "--distill-steps", "2", "--epochs", "1",
+                    "--threads", "1"])
+    assert [r["model"] for r in rows] == ["original", "window:size=2x2 (training-free)", "window:size=2x2 + fine-tune"]
+    assert rows[1]["sites"] == ["attn_0", "attn_1", "attn_2", "attn_3"]
+    assert abs(rows[2]["onnx_top1"] - rows[2]["top1"]) <= 1 / 450 + 1e-9
+    assert rows[2]["audit_logit_cosine"] is not None

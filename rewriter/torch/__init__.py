@@ -11,6 +11,6 @@ as on ONNX, planned and fitted by the same passes, and replaced by a small modul
 from the same reference math. The original module is never modified.
 """
 
-from attnrewrite.torch.api import export, inspect, rewrite
+from attnrewrite.torch.api import export, inspect, rewrite, trace
 
-__all__ = ["export", "inspect", "rewrite"]
+__all__ = ["export", "inspect", "rewrite", "trace"]

@@ -72,10 +72,11 @@ def rewrite(module: torch.nn.Module, example_inputs: Sequence, passes: Sequence[
 
 
 def export(module: torch.nn.Module, example_inputs: Sequence, path: str, opset: int = 18,
-           input_names: Sequence[str] | None = None) -> str:
+           input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> str:
     """Export a (rewritten) module to ONNX with torch.onnx's dynamo exporter (a GraphModule's sizes are
     symbolic there; the TorchScript exporter would bake the batch size in), batch axis dynamic; inputs
-    are named `input_names` (default input_0, input_1, ...)."""
+    are named `input_names` (default input_0, input_1, ...), outputs `output_names` (the exporter's
+    default when not given)."""
     import contextlib
     import io
     import warnings
@@ -89,7 +90,8 @@ def export(module: torch.nn.Module, example_inputs: Sequence, path: str, opset: 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(example_inputs), path, dynamo=True, opset_version=opset, input_names=names,
-                          dynamic_shapes=dynamic, verbose=False)
+                          output_names=list(output_names) if output_names else None, dynamic_shapes=dynamic,
+                          verbose=False)
     return path
 
 
@@ -107,7 +109,7 @@ def _run(gm, batches) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-class _Recorder(torch.fx.Interpreter):
+class Recorder(torch.fx.Interpreter):
     """Runs the graph and keeps the values of `wanted` nodes."""
 
     def __init__(self, gm, wanted):
@@ -123,7 +125,7 @@ class _Recorder(torch.fx.Interpreter):
 
 def _activations(gm, sites, batches) -> dict:
     wanted = [x for s in sites for x in (s.q_node, s.k_node, s.v_node, s.output_node, s.bias_node) if x is not None]
-    recorder = _Recorder(gm, wanted)
+    recorder = Recorder(gm, wanted)
     with torch.no_grad():
         for batch in batches:
             recorder.run(*batch)
