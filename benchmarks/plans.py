@@ -37,8 +37,8 @@ MODELS = {
     "minilm": {"budget": "sentence_embedding:cosine>=0.99", "metric_output": "sentence_embedding",
                "passes": ["window:size=8", "window:size=16", "neighborhood:kernel=9", "neighborhood:kernel=17",
                           "int8", "linear:local=8"]},
-    "vitb": {"budget": "cosine>=0.99", "metric_output": None,
-             "passes": ["window:size=8x8", "neighborhood:kernel=13", "int8"]},
+    # each full run of this model takes seconds on 2 cores: two passes keep the benchmark under ~25 min
+    "vitb": {"budget": "cosine>=0.99", "metric_output": None, "passes": ["window:size=8x8", "int8"]},
 }
 
 
