@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes import linear_hybrid as H
-from attnrewrite.passes.linear_fit import FeatureMaps, fit_feature_maps, hedgehog_reference, split
+from attnrewrite.passes.linear_fit import FeatureMaps, fit_feature_maps, has_torch, hedgehog_reference, split
 from attnrewrite.passes.ops import const, float_type, key_row, reduce, softmax_attention
 from attnrewrite.passes.spatial.common import GLOBAL_TOKENS, only_2d, sequence_prefix, spatial_frame
 from attnrewrite.registry import (
@@ -193,6 +193,8 @@ class LinearPass(BasePass):
               show=lambda v: "none" if v is None else show_size(v)),
         Param("local_kind", str, "window", "local set: window (Swin windows; blocks on text) or neighborhood "
               "(NATTEN K×K; a sliding window on text)", choices=("window", "neighborhood")),
+        Param("joint", str, "true", "local=... with phi=fitted: then train maps and γ together on the hybrid's output "
+              "(LoLCATs' attention transfer; needs torch)", choices=("true", "false")),
         GLOBAL_TOKENS,
     )
 
@@ -242,10 +244,25 @@ class LinearPass(BasePass):
                                   bias=_samples(acts.get("bias"), part, samples), rows=rows)
 
         gamma = H.fit_mixing(parts(fit_part), target[fit_part][:, :, rows])
+        joint = "no"
+        if plan.maps is not None and plan.options["joint"] == "true":
+            joint = "torch is not installed: maps and γ fitted separately"
+            if has_torch():
+                refined = H.refine_jointly(q[fit_part], k[fit_part], v[fit_part], target[fit_part], scale=site.scale,
+                                           allowed=allowed, rows=rows, maps=plan.maps, gamma=gamma,
+                                           steps=plan.options["steps"], key_weight=_samples(weight, fit_part, samples),
+                                           bias=_samples(acts.get("bias"), fit_part, samples))
+                if isinstance(refined, str):
+                    joint = refined + "; the separately fitted maps and γ are kept"
+                else:
+                    joint = "yes (torch, output MSE)"
+                    plan = dataclasses.replace(plan, maps=refined[0])
+                    gamma = refined[1]
         held_parts = parts(held)
         y = target[held][:, :, rows]
         return dataclasses.replace(plan, gamma=gamma), {
             "local set": f"{plan.local.kind} {'x'.join(map(str, plan.options['local']))}",
+            "maps and γ refined jointly": joint,
             "mix γ (local weight)": [round(float(g), 4) for g in gamma],
             "held-out output cosine, local+linear": _head_cosine(held_parts.mix(gamma), y),
             "held-out output cosine, local+linear at γ=0.1": _head_cosine(held_parts.mix(

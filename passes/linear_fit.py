@@ -115,7 +115,7 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
                          f"this site has {samples * (n - prefix)} ({samples} samples × {n - prefix} tokens): give more "
                          "--calib samples or a smaller dim.")
     if backend == "auto":
-        backend = "torch" if _has_torch() else "numpy"
+        backend = "torch" if has_torch() else "numpy"
     fit_part, held = split(samples)
     rng = np.random.default_rng(seed)
     root = scale ** 0.5
@@ -140,7 +140,7 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
                      _cos(report.y, o_before), _cos(report.y, o_after))
 
 
-def _has_torch() -> bool:
+def has_torch() -> bool:
     try:
         import torch  # noqa: F401
     except ImportError:

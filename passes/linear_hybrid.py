@@ -120,3 +120,52 @@ def fit_mixing(parts: HybridParts, target: np.ndarray) -> np.ndarray:
     coarse = best_of(np.repeat(np.arange(-12.0, 12.0 + 1e-9, 0.25)[:, None], heads, axis=1))
     fine = best_of(coarse[None, :] + np.arange(-0.25, 0.25 + 1e-9, 0.01)[:, None])
     return (1 / (1 + np.exp(-fine))).astype(np.float32)
+
+
+def refine_jointly(q, k, v, target, *, scale: float, allowed: np.ndarray, rows: np.ndarray, maps, gamma: np.ndarray,
+                   steps: int, key_weight=None, bias=None, lr: float = 3e-3):
+    """LoLCATs' attention transfer for the hybrid: fitted maps and the per-head mix trained together on
+    the hybrid's output MSE (teacher inputs, these query rows). Needs torch (autograd); returns
+    (maps, gamma) or the reason it stopped (a non-finite loss keeps the caller's maps and γ)."""
+    import torch
+
+    from attnrewrite.passes.linear_fit import FeatureMaps
+
+    t = {name: torch.as_tensor(np.asarray(x, np.float32)) for name, x in (("q", q[:, :, rows]), ("k", k), ("v", v),
+                                                                          ("y", target[:, :, rows]))}
+    inside = torch.as_tensor(allowed[rows].astype(np.float32))
+    logits = scale * t["q"] @ t["k"].transpose(-1, -2)
+    if bias is not None:
+        b = torch.as_tensor(np.asarray(bias, np.float32))
+        b = b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
+        logits = logits + (b[:, :, rows] if b.shape[2] != 1 else b)
+    logits = logits.masked_fill(inside == 0, float("-inf"))
+    local = torch.exp(logits - logits.amax(-1, keepdim=True))  # fixed: depends on no parameter
+    local_num, local_den = local @ t["v"], local.sum(-1, keepdim=True)
+    weight = None if key_weight is None else torch.as_tensor(np.asarray(key_weight, np.float32))
+    g0 = np.clip(np.asarray(gamma, np.float64), 1e-4, 1 - 1e-4)
+    params = [torch.tensor(np.asarray(x, np.float32), requires_grad=True) for x in (maps.wq, maps.bq, maps.wk, maps.bk)]
+    params.append(torch.tensor(np.log(g0 / (1 - g0)).astype(np.float32), requires_grad=True))
+    optimiser = torch.optim.Adam(params, lr=lr)
+
+    def features(x, w, b):
+        z = x @ w + b
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+
+    for _ in range(steps):
+        fq, fk = features(t["q"], params[0], params[1]), features(t["k"], params[2], params[3])
+        if weight is not None:
+            fk = fk * weight
+        far = (fq @ fk.transpose(-1, -2)) * (1 - inside)
+        g = torch.sigmoid(params[4]).view(1, -1, 1, 1)
+        out = (g * local_num + (1 - g) * (far @ t["v"])) / (g * local_den + (1 - g) * far.sum(-1, keepdim=True))
+        loss = ((out - t["y"]) ** 2).mean()
+        if not torch.isfinite(loss):
+            return "the joint refinement diverged (non-finite loss)"
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    values = [p.detach().numpy().astype(np.float32) for p in params]
+    if not all(np.isfinite(x).all() for x in values):
+        return "the joint refinement produced non-finite weights"
+    return FeatureMaps(*values[:4]), (1 / (1 + np.exp(-values[4].astype(np.float64)))).astype(np.float32)

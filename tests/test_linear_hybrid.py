@@ -183,3 +183,36 @@ def test_exports_take_the_hybrid(capsys, exported, tmp_path, name, exporter, spe
     p = json.loads(out)["passes"][0]
     assert len(p["rewritten"]) == len(exp.meta.sites), p["sites"]
     assert all(0 < s["local"]["cosine"] <= 1 + 1e-6 for s in p["sites"])
+
+
+def test_joint_refinement_lowers_the_hybrids_output_error():
+    """Maps and γ trained together on the hybrid's output (LoLCATs) beat the separately fitted pair on
+    the rows they were fitted on."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((4, 2, 20, 8)).astype(np.float32) for _ in range(3))
+    target = _softmax_attention(q, k, v).astype(np.float32)
+    allowed = H.local_set("window", (2, 2), (4, 5), 0, 20).allowed()
+    fitted = F.fit_feature_maps(q, k, v, target, scale=SCALE, dim=6, steps=30, objective="attn", seed=0)
+    rows = np.arange(20)
+
+    def mse(maps, gamma):
+        fq, fk = L.features_reference(q, k, scale=SCALE, phi="fitted", maps=maps)
+        out = H.hybrid_parts(q, k, v, scale=SCALE, allowed=allowed, fq=fq, fk=fk, rows=rows).mix(gamma)
+        return float(((out - target) ** 2).mean())
+
+    fq, fk = L.features_reference(q, k, scale=SCALE, phi="fitted", maps=fitted.maps)
+    gamma = H.fit_mixing(H.hybrid_parts(q, k, v, scale=SCALE, allowed=allowed, fq=fq, fk=fk), target)
+    maps, refined_gamma = H.refine_jointly(q, k, v, target, scale=SCALE, allowed=allowed, rows=rows, maps=fitted.maps,
+                                           gamma=gamma, steps=60)
+    assert mse(maps, refined_gamma) < 0.9 * mse(fitted.maps, gamma)
+
+
+@pytest.mark.parametrize("joint,expected", [("true", "yes (torch, output MSE)"), ("false", "no")])
+def test_cli_reports_whether_the_hybrid_was_refined_jointly(capsys, tmp_path, vit32, joint, expected):
+    pytest.importorskip("torch")
+    model, calib = vit32
+    rc, out, err = _run(capsys, model, "--pass", f"linear:phi=fitted,dim=8,steps=20,local=2x2,joint={joint}",
+                        "--calib", calib, "-o", tmp_path / "j.onnx", "--json")
+    assert rc == 0, err
+    assert all(s["plan"]["maps and γ refined jointly"] == expected for s in json.loads(out)["passes"][0]["sites"])
