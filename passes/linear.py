@@ -28,7 +28,9 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.passes import linear_hybrid as H
-from attnrewrite.passes.linear_fit import FeatureMaps, fit_feature_maps, has_torch, hedgehog_reference, split
+from attnrewrite.passes.linear_fit import (
+    FeatureMaps, fit_feature_maps, has_torch, head_cosine, hedgehog_reference, split,
+)
 from attnrewrite.passes.ops import const, float_type, key_row, reduce, softmax_attention
 from attnrewrite.passes.spatial.common import GLOBAL_TOKENS, only_2d, sequence_prefix, spatial_frame
 from attnrewrite.registry import (
@@ -264,8 +266,8 @@ class LinearPass(BasePass):
             "local set": f"{plan.local.kind} {'x'.join(map(str, plan.options['local']))}",
             "maps and γ refined jointly": joint,
             "mix γ (local weight)": [round(float(g), 4) for g in gamma],
-            "held-out output cosine, local+linear": _head_cosine(held_parts.mix(gamma), y),
-            "held-out output cosine, local+linear at γ=0.1": _head_cosine(held_parts.mix(
+            "held-out output cosine, local+linear": head_cosine(held_parts.mix(gamma), y),
+            "held-out output cosine, local+linear at γ=0.1": head_cosine(held_parts.mix(
                 np.full(len(gamma), H.GAMMA_INIT)), y)}
 
     def _approximate(self, site, q, k, v, bias, plan: LinearPlan, weight) -> np.ndarray:
@@ -361,12 +363,6 @@ def _samples(x: np.ndarray | None, part: slice, samples: int) -> np.ndarray | No
     if x is None or x.ndim < 4 or x.shape[0] != samples or samples == 1:
         return x
     return x[part]
-
-
-def _head_cosine(a: np.ndarray, b: np.ndarray) -> list[float]:
-    a, b = (np.swapaxes(x, 0, 1).reshape(x.shape[1], -1).astype(np.float64) for x in (a, b))
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-    return [round(float(c), 4) for c in cos]
 
 
 def _corrected_after(t: ir_tape.Tape, out: ir.Value, correction, prefix: int, q_len: int, dtype) -> ir.Value:

@@ -46,6 +46,14 @@ def hedgehog_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarra
     return np.concatenate([_softmax(z), _softmax(-z)], axis=-1)
 
 
+def hedgehog_torch(x, w, b):
+    """`hedgehog_reference` on torch tensors (differentiable): the fitters and the torch front-end's module."""
+    import torch
+
+    z = x @ w + b
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -137,7 +145,7 @@ def fit_feature_maps(q, k, v, target, *, scale: float, dim: int, steps: int, obj
                                                     ((report.q, maps.wq, maps.bq), (report.k, maps.wk, maps.bk))))
     a_before, o_before = weights_and_output(report, _elu1(report.q * root), _elu1(report.k * root))
     return FitResult(maps, backend, _kl(report.teacher, a_before), _kl(report.teacher, a_after),
-                     _cos(report.y, o_before), _cos(report.y, o_after))
+                     head_cosine(report.y, o_before), head_cosine(report.y, o_after))
 
 
 def has_torch() -> bool:
@@ -235,11 +243,7 @@ def torch_loss(problem: Problem, params, torch):
     """`loss_and_grads`' loss in torch (autograd differentiates it)."""
     t = {name: torch.as_tensor(getattr(problem, name)) for name in ("q", "k", "v", "y", "teacher")}
 
-    def features(x, w, b):
-        z = x @ w + b
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
-
-    fq, fk = features(t["q"], params[0], params[1]), features(t["k"], params[2], params[3])
+    fq, fk = hedgehog_torch(t["q"], params[0], params[1]), hedgehog_torch(t["k"], params[2], params[3])
     if problem.weight is not None:
         fk = fk * torch.as_tensor(problem.weight)
     a = fq @ fk.transpose(-1, -2)
@@ -273,7 +277,8 @@ def _kl(p: np.ndarray, q: np.ndarray) -> list[float]:
     return [round(float(x), 4) for x in per.mean(axis=(0, 2))]
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> list[float]:
+def head_cosine(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Output cosine per head of two [S, h, N, d] arrays, rounded for the report."""
     per_head = lambda x: np.swapaxes(x, 0, 1).reshape(x.shape[1], -1).astype(np.float64)  # noqa: E731
     a, b = per_head(a), per_head(b)
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)

@@ -129,7 +129,7 @@ def refine_jointly(q, k, v, target, *, scale: float, allowed: np.ndarray, rows: 
     (maps, gamma) or the reason it stopped (a non-finite loss keeps the caller's maps and γ)."""
     import torch
 
-    from attnrewrite.passes.linear_fit import FeatureMaps
+    from attnrewrite.passes.linear_fit import FeatureMaps, hedgehog_torch
 
     t = {name: torch.as_tensor(np.asarray(x, np.float32)) for name, x in (("q", q[:, :, rows]), ("k", k), ("v", v),
                                                                           ("y", target[:, :, rows]))}
@@ -148,12 +148,8 @@ def refine_jointly(q, k, v, target, *, scale: float, allowed: np.ndarray, rows: 
     params.append(torch.tensor(np.log(g0 / (1 - g0)).astype(np.float32), requires_grad=True))
     optimiser = torch.optim.Adam(params, lr=lr)
 
-    def features(x, w, b):
-        z = x @ w + b
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
-
     for _ in range(steps):
-        fq, fk = features(t["q"], params[0], params[1]), features(t["k"], params[2], params[3])
+        fq, fk = hedgehog_torch(t["q"], params[0], params[1]), hedgehog_torch(t["k"], params[2], params[3])
         if weight is not None:
             fk = fk * weight
         far = (fq @ fk.transpose(-1, -2)) * (1 - inside)

@@ -20,16 +20,9 @@ from attnrewrite.passes.spatial import reference as R
 from attnrewrite.registry import parse_pass
 from attnrewrite.synthetic import lone_site
 from attnrewrite.validate import attention_maps as A
+from tests.test_cli_pipeline import run as _run
 
 pytest.importorskip("matplotlib")
-
-
-def _run(capsys, *args):
-    from attnrewrite.cli import main
-
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.mark.parametrize("spec", ["window:size=2x2", "linear"])

@@ -23,6 +23,7 @@ from attnrewrite.passes import linear_fit as F
 from attnrewrite.registry import parse_pass
 from attnrewrite.synthetic import lone_site
 from tests.conftest import ort_run
+from tests.test_cli_pipeline import run as _run
 
 pytest.importorskip("torch")
 
@@ -132,14 +133,6 @@ def test_numpy_backend_beats_elu1_on_held_out_samples():
 def test_held_out_split_keeps_a_quarter():
     assert F.split(8) == (slice(0, 6), slice(6, 8))
     assert F.split(1) == (slice(0, 1), slice(0, 1))
-
-
-def _run(capsys, *args):
-    from attnrewrite.cli import main
-
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_reports_held_out_fit_per_head_and_beats_elu1(capsys, tmp_path, vit32):

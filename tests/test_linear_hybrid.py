@@ -23,6 +23,7 @@ from attnrewrite.passes import linear_hybrid as H
 from attnrewrite.registry import parse_pass
 from attnrewrite.synthetic import lone_site
 from tests.conftest import ort_run
+from tests.test_cli_pipeline import run as _run
 
 SCALE = 0.3
 
@@ -126,14 +127,6 @@ def test_dynamic_token_count_is_declined_with_a_reason():
 
 
 # --- through the CLI ------------------------------------------------------------------------------
-
-
-def _run(capsys, *args):
-    from attnrewrite.cli import main
-
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_hybrid_reports_gamma_and_beats_plain_linear(capsys, tmp_path, vit32):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnrewrite.passes.linear_fit import hedgehog_torch
 from attnrewrite.passes.spatial.tables import bias_floor, masked_value
 
 
@@ -77,12 +78,7 @@ class LinearAttention(nn.Module):
     def features(self, q, k):
         if self.maps is not None:
             wq, bq, wk, bk = self.maps
-
-            def hedgehog(x, w, b):
-                z = x @ w.unsqueeze(0) + b.unsqueeze(0)
-                return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
-
-            return hedgehog(q, wq, bq), hedgehog(k, wk, bk)
+            return hedgehog_torch(q, wq, bq), hedgehog_torch(k, wk, bk)
         root = math.sqrt(self.scale)
         act = (lambda x: F.elu(x) + 1) if self.phi == "elu1" else F.relu
         return act(q * root), act(k * root)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnrewrite.validate import lone
-from attnrewrite.validate.runner import cpu_session, make_session, run_batches
+from attnrewrite.validate.runner import cpu_session
 
 #: sites drawn per pass, query tokens drawn per site
 MAX_SITES, MAX_QUERIES = 3, 3
@@ -78,13 +78,8 @@ def collect(model: ir.Model, base_dir, spec, rewrites, batch: dict[str, np.ndarr
     """Maps for up to MAX_SITES rewritten sites (in `order`: most sensitive first when measured) on
     the first sample of `batch`."""
     chosen = sorted(rewrites, key=lambda r: order.index(r.site.id) if r.site.id in order else len(order))[:MAX_SITES]
-    names = []
-    for r in chosen:
-        names += [r.site.q.name, r.site.k.name] + ([r.site.bias.name] if r.site.bias is not None else [])
-    names = list(dict.fromkeys(names))
-    first = {name: value[:1] for name, value in batch.items()}
-    values = run_batches(make_session(model, base_dir, names), [first], names)
-    image = _image(first)
+    values = lone.site_activations(model, base_dir, [r.site for r in chosen], batch, roles=("q", "k"))
+    image = _image({name: value[:1] for name, value in batch.items()})
     maps = []
     for r in sorted(chosen, key=lambda r: r.site.layer):
         site = r.site

@@ -180,12 +180,7 @@ def _add_candidate(pipeline, model, spec: PassSpec, index: int, plans: dict[str,
 
 def _shapes(pipeline, model, sites) -> dict[str, dict[str, tuple[int, ...]]]:
     """Q/K/V/bias shapes per site on one calibration sample (what the sites are timed at)."""
-    names = []
-    for s in sites:
-        names += [s.q.name, s.k.name, s.v.name] + ([s.bias.name] if s.bias is not None else [])
-    names = list(dict.fromkeys(names))
-    first = {k: v[:1] for k, v in pipeline.batches[0].items()}
-    values = run_batches(make_session(model, pipeline.base_dir, names), [first], names)
+    values = lone.site_activations(model, pipeline.base_dir, sites, pipeline.batches[0])
     out = {}
     for s in sites:
         roles = {"q": s.q, "k": s.k, "v": s.v, **({"bias": s.bias} if s.bias is not None else {})}

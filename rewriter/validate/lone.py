@@ -41,6 +41,19 @@ def original(model: ir.Model, site, shapes) -> onnx.ModelProto:
         ir_tape.Tape(graph), lone.q, lone.k, lone.v, site.scale, lone.bias, np.float32))
 
 
+def site_activations(model: ir.Model, base_dir, sites, batch: dict[str, np.ndarray], roles=("q", "k", "v")
+                     ) -> dict[str, np.ndarray]:
+    """The sites' Q/K/V (the `roles` asked for) and bias on the first sample of `batch`, by value name."""
+    from attnrewrite.validate.runner import make_session, run_batches
+
+    names = []
+    for s in sites:
+        names += [getattr(s, role).name for role in roles] + ([s.bias.name] if s.bias is not None else [])
+    names = list(dict.fromkeys(names))
+    first = {name: value[:1] for name, value in batch.items()}
+    return run_batches(make_session(model, base_dir, names), [first], names)
+
+
 def random_feeds(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
     """Timing inputs (the values do not change a site's cost); a bias is zero."""
     rng = np.random.default_rng(seed)

@@ -253,6 +253,20 @@ def check_output_names(budgets: Sequence[Budget], outputs: Sequence[str]) -> Non
                              f"{', '.join(map(repr, outputs))}.")
 
 
+def worst_output(budget: Budget, metrics_per_output: Mapping[str, Mapping[str, float]]) -> tuple[str, float] | None:
+    """(output, value) of the budget's metric on the output furthest from passing; None when no
+    output in the budget's scope reports the metric."""
+    rows = [(name, float(m[budget.metric])) for name, m in metrics_per_output.items()
+            if budget.metric in m and budget.output in (None, name)]
+    if not rows:
+        return None
+    name, value = rows[0]
+    for n, v in rows[1:]:
+        if budget.worse(v, value):
+            name, value = n, v
+    return name, value
+
+
 def check_budgets(budgets: Sequence[Budget], metrics_per_output: Mapping[str, Mapping[str, float]]) -> list[BudgetFailure]:
     """One failure per budget that does not hold; the worst output for the budget's metric decides.
 
@@ -262,17 +276,13 @@ def check_budgets(budgets: Sequence[Budget], metrics_per_output: Mapping[str, Ma
     """
     failures = []
     for budget in budgets:
-        rows = [(name, float(m[budget.metric])) for name, m in metrics_per_output.items()
-                if budget.metric in m and budget.output in (None, name)]
-        if not rows:
+        worst = worst_output(budget, metrics_per_output)
+        if worst is None:
             why = " (top1 needs a float output of rank >= 2 with 2..100000 classes on the last axis)" if budget.metric == "top1" else ""
             which = f"output {budget.output!r} does not have" if budget.output else "no output has"
             failures.append(BudgetFailure(budget, None, None, f"{budget}: {which} metric {budget.metric}{why}"))
             continue
-        name, value = rows[0]
-        for n, v in rows[1:]:
-            if budget.worse(v, value):
-                name, value = n, v
+        name, value = worst
         if not budget.holds(value):
             failures.append(BudgetFailure(budget, name, value, f"{budget}: output {name!r} has {budget.metric}={value:.6g}"))
     return failures

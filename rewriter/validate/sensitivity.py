@@ -108,13 +108,10 @@ def budget_score(budgets, metrics: dict[str, dict[str, float]]) -> float:
     """How far one configuration is from (or past) the first budget, as a number where larger is
     worse: the budget's metric on its worst output, negated when higher is better."""
     budget = budgets[0]
-    values = [float(m[budget.metric]) for name, m in metrics.items() if budget.metric in m and budget.output in (None, name)]
-    if not values:
+    found = M.worst_output(budget, metrics)
+    if found is None:
         return 0.0
-    worst = values[0]
-    for v in values[1:]:
-        if budget.worse(v, worst):
-            worst = v
+    worst = found[1]
     if np.isnan(worst):
         return float("inf")
     return -worst if budget.op in (">=", ">") else worst
