@@ -51,6 +51,7 @@ def test_auto_plan_meets_the_budget_and_replays(capsys, tmp_path, vit96):
     assert p["metrics_vs_original"]["logits"]["cosine"] >= 0.99
     assert abs(auto["measured_drift"] - (1 - p["metrics_vs_original"]["logits"]["cosine"])) < 1e-9
     assert auto["predicted_drift"] is not None and auto["site_ms_plan"] <= auto["site_ms_original"]
+    assert auto["predictor"] == "superposition of leave-one-in output changes"
     assert p["rewritten"], "local variants beat softmax at 577 tokens"
     for site in p["sites"]:
         plan = site["plan"]
@@ -110,3 +111,53 @@ def test_plan_in_naming_unknown_sites_is_refused(capsys, tmp_path, vit96):
     rc, _, err = run(capsys, model, "--pass", "auto", "--plan-in", tmp_path / "bad.json", "--calib", calib,
                      "-o", tmp_path / "x.onnx", "--budget", "cosine>=0.9")
     assert rc == 2 and "not a plan" in err
+
+
+def _plans(*choices):
+    """SitePlans with two options each (original, one candidate) and leave-one-in drift 0.01 apiece."""
+    from attnrewrite.validate.auto import Option, SitePlan
+
+    class Site:
+        def __init__(self, i):
+            self.id = f"attn_{i}"
+
+    return [SitePlan(Site(i), [Option(None), Option(None, drift=0.01)], choice=c) for i, c in enumerate(choices)]
+
+
+@pytest.mark.parametrize("direction,expected", [(1.0, "coherent"), (-1.0, "cancel")])
+def test_superposition_sees_whether_site_changes_line_up(direction, expected):
+    """Two sites that each move the output by e alone: together they move it by 2e when their changes
+    line up (drift ~4× one site's, where a sum of drifts says 2×) and by 0 when they cancel. On a model
+    whose outputs are linear in the changes the prediction is the measured metric exactly."""
+    from attnrewrite.validate import metrics as M
+    from attnrewrite.validate.auto import Superposition, _drift
+
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((8, 16))
+    e = 0.1 * rng.standard_normal((8, 16))
+    budget = M.parse_budget("cosine>=0.99")
+    predictor = Superposition(budget, {"y": y}, ["y"])
+    predictor.add("attn_0", 1, {"y": y + e})
+    predictor.add("attn_1", 1, {"y": y + direction * e})
+    one = _drift(budget, M.compare_outputs({"y": y}, {"y": y + e}))
+    both = _drift(budget, M.compare_outputs({"y": y}, {"y": y + e + direction * e}))
+    predicted = predictor.drift(_plans(1, 1))
+    assert predicted == pytest.approx(both, rel=1e-5)
+    assert predictor.drift(_plans(1, 0)) == pytest.approx(one, rel=1e-5)
+    if expected == "coherent":
+        assert predicted > 3 * one
+    else:
+        assert predicted < 1e-6
+    assert predictor.kind.startswith("superposition")
+
+
+def test_superposition_falls_back_to_the_sum_when_changes_are_too_large(monkeypatch):
+    from attnrewrite.validate import auto
+    from attnrewrite.validate import metrics as M
+
+    monkeypatch.setattr(auto, "SUPERPOSE_BYTES", 100)
+    y = np.ones((8, 16))
+    predictor = auto.Superposition(M.parse_budget("cosine>=0.99"), {"y": y}, ["y"])
+    predictor.add("attn_0", 1, {"y": y * 1.5})
+    assert predictor.kind == "sum of leave-one-in drifts"
+    assert predictor.drift(_plans(1, 1)) == pytest.approx(0.02)

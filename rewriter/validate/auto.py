@@ -7,13 +7,18 @@ shapes and semantics share one timing, and timings are cached per model and shap
 
 Drift is measured too: every candidate is written beside the original at every site it applies to,
 and one gated session (`sensitivity.gate`) runs the model under any assignment of candidates, so
-each (site, candidate)'s leave-one-in drift costs one run. A plan's drift is *predicted* as the sum
-of its sites' leave-one-in drifts, as a distance from the budget metric's perfect value (1 − cosine,
-rel_l2, ...). Search: every site starts on its fastest candidate; while the prediction exceeds the
-budget, the site whose step to a more accurate option (the original included) buys the most drift
-per millisecond takes it; then the real plan is measured, and while it misses the budget (drift is
-not additive) stepping goes on. The report gives predicted against measured drift and the site time
-the plan saves; `--plan` writes the choice and `--plan-in` replays one without searching.
+each (site, candidate)'s leave-one-in drift costs one run. A plan's drift is *predicted* by
+superposition: the model's outputs under the plan are taken to be the original outputs plus each chosen
+option's leave-one-in change, and the budget metric is computed on that sum, as a distance from its
+perfect value (1 − cosine, rel_l2, ...). Unlike a sum of per-site drifts this sees whether two sites
+push the output the same way (their changes add coherently) or not; where the changes are too large to
+keep (`SUPERPOSE_BYTES`) the plain sum is used, and the report says which predictor ran.
+Search: every site starts on its fastest candidate; while the prediction exceeds the budget, the site
+whose step to a more accurate option (the original included) buys the most drift per millisecond
+takes it; then the real plan is measured, and while it misses the budget (drift is not additive)
+stepping goes on. The report gives the final plan's predicted drift (made before measuring it) against
+its measured drift, and the site time the plan saves; `--plan` writes the choice and `--plan-in`
+replays one without searching.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from attnrewrite.errors import InputError
@@ -41,6 +47,8 @@ from attnrewrite.validate.runner import make_session, run_batches
 #: tried at every site where they apply (sizes wider than the grid are declined by the pass itself)
 DEFAULT_CANDIDATES = ("window:size=4x4", "window:size=8x8", "window:size=16x16", "neighborhood:kernel=5",
                       "neighborhood:kernel=9", "neighborhood:kernel=17", "int8", "linear:local=8x8")
+#: leave-one-in output changes kept for the superposition predictor (beyond it: the sum of drifts)
+SUPERPOSE_BYTES = 2 << 30
 #: the value of each metric when nothing changed; a plan's drift is its distance from it
 PERFECT = {"cosine": 1.0, "top1": 1.0, "rel_l2": 0.0, "max_abs": 0.0}
 
@@ -104,44 +112,84 @@ def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: di
         _add_candidate(pipeline, model, spec, index, plans, plan_in)
     live = [p for p in plans.values() if len(p.options) > 1]
     if not live:
-        return _document(pipeline, plans, start, predicted=0.0, measured=None, steps=0, repairs=0)
+        return _document(pipeline, plans, start, predicted=0.0, measured=None, steps=0, repairs=0, predictor=None)
     shapes = _shapes(pipeline, model, [p.site for p in live])
     _time(model, live, shapes, pipeline.path)
     _local_drift(pipeline, model, live)
     gated = S.gate(model, [p.site for p in live], [[o.value for o in p.options[1:]] for p in live], pipeline.base_dir)
     outputs = pipeline.output_names
 
-    def measure(selection: dict[str, int], tick=None) -> dict:
-        return S.compare(pipeline.original_outputs, gated.run(selection, pipeline.batches, outputs, tick), outputs)
+    def run(selection: dict[str, int], tick=None) -> dict[str, np.ndarray]:
+        return gated.run(selection, pipeline.batches, outputs, tick)
 
     allowed = abs(budget.threshold - PERFECT[budget.metric])
     steps = repairs = 0
+    predictor = Superposition(budget, pipeline.original_outputs, outputs)
     if plan_in is None:
         runs = sum(len(p.options) - 1 for p in live)
         with pipeline.progress.task("auto: leave-one-in drift per site and candidate", runs * len(pipeline.batches)) as tick:
             for p in live:
                 for i, option in enumerate(p.options[1:], 1):
-                    metrics = measure({p.site.id: i}, tick)
+                    changed = run({p.site.id: i}, tick)
+                    metrics = S.compare(pipeline.original_outputs, changed, outputs)
                     option.drift, option.alone = _drift(budget, metrics), S.summary(metrics)
+                    predictor.add(p.site.id, i, changed)
         for p in live:
             p.choice = _fastest(p)
-        while _predicted(live) > allowed and _step(live):
+        while predictor.drift(live) > allowed and _step(live):
             steps += 1
     else:
         for p in live:
             p.choice = len(p.options) - 1  # the replayed candidate (original when the plan kept it)
     selection = {p.site.id: p.choice for p in live}
-    predicted = _predicted(live)
+    predicted = predictor.drift(live) if plan_in is None else None
     with pipeline.progress.task("auto: validating the plan", 1) as tick:
-        measured_metrics = measure(selection)
+        measured_metrics = S.compare(pipeline.original_outputs, run(selection), outputs)
         tick()
     while plan_in is None and M.check_budgets(pipeline.budgets, measured_metrics) and _step(live):
         repairs += 1
         selection = {p.site.id: p.choice for p in live}
-        measured_metrics = measure(selection)
+        predicted = predictor.drift(live)  # the repaired plan's own prediction, made before measuring it
+        measured_metrics = S.compare(pipeline.original_outputs, run(selection), outputs)
     gated.close(selection)
-    return _document(pipeline, plans, start, predicted=predicted if plan_in is None else None,
-                     measured=_drift(budget, measured_metrics), steps=steps, repairs=repairs)
+    return _document(pipeline, plans, start, predicted=predicted, measured=_drift(budget, measured_metrics),
+                     steps=steps, repairs=repairs, predictor=predictor.kind if plan_in is None else None)
+
+
+class Superposition:
+    """Predicted plan drift from the leave-one-in runs: outputs ≈ original + Σ (each chosen option's
+    change). First-order in the changes, so it holds while each site perturbs the model a little; it
+    captures what a sum of drifts cannot: changes that line up add their norms, orthogonal ones add
+    their squares. Falls back to the sum of drifts when the changes would not fit in SUPERPOSE_BYTES."""
+
+    def __init__(self, budget, original: dict[str, np.ndarray], names: list[str]):
+        self.budget = budget
+        self.names = [n for n in names if budget.output in (None, n)]
+        self.original = {n: np.asarray(original[n]) for n in self.names}
+        self.changes: dict[tuple[str, int], dict[str, np.ndarray]] | None = {}
+        self.bytes = 0
+
+    @property
+    def kind(self) -> str:
+        return "superposition of leave-one-in output changes" if self.changes is not None else "sum of leave-one-in drifts"
+
+    def add(self, site_id: str, index: int, outputs: dict[str, np.ndarray]) -> None:
+        if self.changes is None:
+            return
+        change = {n: (np.asarray(outputs[n], np.float64) - self.original[n]).astype(np.float32) for n in self.names
+                  if np.issubdtype(np.asarray(outputs[n]).dtype, np.floating)}
+        self.bytes += sum(c.nbytes for c in change.values())
+        self.changes = None if self.bytes > SUPERPOSE_BYTES else {**self.changes, (site_id, index): change}
+
+    def drift(self, live: list[SitePlan]) -> float:
+        chosen = [(p.site.id, p.choice) for p in live if p.choice]
+        if self.changes is None or not chosen:
+            return float(sum(p.options[p.choice].drift for p in live))
+        outputs = {}
+        for n in self.names:
+            changes = [self.changes[key][n] for key in chosen if n in self.changes[key]]
+            outputs[n] = self.original[n] + sum(changes) if changes else self.original[n]
+        return _drift(self.budget, M.compare_outputs(self.original, outputs))
 
 
 def _replay(sites, plan_in: dict):
@@ -256,10 +304,6 @@ def _fastest(p: SitePlan) -> int:
     return min(worth, key=lambda i: (p.options[i].ms, p.options[i].drift))
 
 
-def _predicted(live: list[SitePlan]) -> float:
-    return float(sum(p.options[p.choice].drift for p in live))
-
-
 def _step(live: list[SitePlan]) -> bool:
     """Move the one site whose switch to a more accurate option buys the most drift per ms."""
     best, best_gain = None, 0.0
@@ -277,7 +321,7 @@ def _step(live: list[SitePlan]) -> bool:
 
 
 def _document(pipeline, plans: dict[str, SitePlan], start: float, *, predicted, measured, steps: int,
-              repairs: int) -> dict:
+              repairs: int, predictor: str | None) -> dict:
     sites, chosen, base_ms, plan_ms = [], {}, 0.0, 0.0
     for site_id, p in plans.items():
         option = p.options[p.choice]
@@ -302,7 +346,7 @@ def _document(pipeline, plans: dict[str, SitePlan], start: float, *, predicted, 
     return {
         "sites": sites,
         "plan": {"sites": chosen},
-        "auto": {"predicted_drift": predicted, "measured_drift": measured, "search_steps": steps, "repair_steps": repairs,
+        "auto": {"predicted_drift": predicted, "measured_drift": measured, "predictor": predictor, "search_steps": steps, "repair_steps": repairs,
                  "metric": pipeline.budgets[0].metric, "site_ms_original": round(base_ms, 3),
                  "site_ms_plan": round(plan_ms, 3), "site_speedup": round(base_ms / plan_ms, 3) if plan_ms else None,
                  "seconds": round(time.perf_counter() - start, 2)},

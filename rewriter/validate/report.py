@@ -183,9 +183,10 @@ def _site_section(sites: list[dict]) -> Section:
 
 
 def _auto_section(auto: dict) -> Section:
-    """`--pass auto`: the plan's drift as predicted from per-site leave-one-in drifts vs as measured,
-    and the attention time it saves (sites timed alone on this machine)."""
-    rows = (("predicted drift (sum of leave-one-in)", fmt(auto.get("predicted_drift"))),
+    """`--pass auto`: the final plan's drift as predicted from the leave-one-in runs (before it was
+    measured) vs as measured, and the attention time it saves (sites timed alone on this machine)."""
+    rows = (("predicted drift", fmt(auto.get("predicted_drift"))),
+            ("predicted by", auto.get("predictor") or "-"),
             ("measured drift", fmt(auto.get("measured_drift"))),
             ("drift measured as", f"distance of {auto['metric']} from its perfect value"),
             ("search steps (on the prediction)", fmt(auto.get("search_steps"))),
