@@ -66,6 +66,7 @@ def _emit(spec: str, *, grid=None, prefix=None, tokens, gamma, maps=None, bias=F
     ("linear:local=3,local_kind=neighborhood", (4, 6)),
     ("linear:phi=relu,local=4x2", (4, 6)),
     ("linear:local=5,global_tokens=1", None),
+    ("linear:local=5,local_kind=window,global_tokens=1", None),
     ("linear:local=5,local_kind=neighborhood,global_tokens=2", None),
 ])
 def test_emission_equals_the_reference(spec, grid):
@@ -74,6 +75,16 @@ def test_emission_equals_the_reference(spec, grid):
     got, want, soft, _ = _emit(spec, grid=grid, prefix=prefix, tokens=tokens, gamma=[0.2, 0.7], bias=grid is None)
     assert np.abs(got - want).max() < 1e-5
     assert np.abs(got - soft).max() > 1e-2  # the linear part is really there
+
+
+@pytest.mark.parametrize("spec,grid,kind", [("linear:local=5", None, "neighborhood"), ("linear:local=2x2", (4, 6), "window"),
+                                            ("linear:local=5,local_kind=window", None, "window")])
+def test_auto_local_kind_is_a_sliding_window_on_text_and_windows_on_a_grid(spec, grid, kind):
+    _, _, _, plan = _emit(spec, grid=grid, prefix=1 if grid else None, tokens=25 if grid else 24, gamma=[0.2, 0.7],
+                          bias=grid is None)
+    assert plan.local.kind == kind
+    if spec == "linear:local=5":  # a query mid-sequence sees the 5 tokens around it and the global CLS
+        assert list(np.flatnonzero(plan.local.allowed()[12])) == [0, 10, 11, 12, 13, 14]
 
 
 def test_emission_with_fitted_maps_equals_the_reference():
