@@ -8,6 +8,7 @@ pass applies and with which settings.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
@@ -143,6 +144,19 @@ class HaloPass(BasePass):
         return grid_last(t, site, lambda q, k, v, bias: E.emit_halo(
             t, q, k, v, scale=site.scale, bias=bias, grid=grid, prefix=prefix, block=options["block"],
             halo=options["halo"], border=options["border"], prefix_mode=options["prefix"]))
+
+    def allowed(self, site: AttentionSite, plan: SpatialPlan):
+        """bool [N, N]: the in-grid keys of each query's block neighbourhood (see `WindowPass.allowed`);
+        with `border=zero` the zero-padded keys are counted by `zero_keys`."""
+        o = plan.options
+        return in_token_order(site, R.allowed_halo(plan.grid, plan.prefix, o["block"], o["halo"], o["border"], o["prefix"]))
+
+    def zero_keys(self, site: AttentionSite, plan: SpatialPlan):
+        """int [N] or None: per query, the zero keys timm's padding adds (logit 0, value 0), `border=zero`."""
+        if plan.options["border"] != "zero":
+            return None
+        counts = R.halo_zero_keys(plan.grid, plan.prefix, plan.options["block"], plan.options["halo"])
+        return np.diag(in_token_order(site, np.diag(counts)))
 
 
 WINDOW = WindowPass("window")

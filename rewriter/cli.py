@@ -361,9 +361,11 @@ def dataclasses_asdict(obj):
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=str),
               help=".npz with one array per input name (samples on axis 0) to fit and validate on.")
 @click.option("--budget", "budget_texts", multiple=True, help="Accuracy budget on the module's outputs (exit 1 if not met).")
+@click.option("--fallback", is_flag=True,
+              help="Keep the sites the --budget cannot afford on their original attention (leave-one-in order).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def torch_cmd(factory, input_shapes, passes, output, calib, budget_texts, as_json, force):
+def torch_cmd(factory, input_shapes, passes, output, calib, budget_texts, fallback, as_json, force):
     """Rewrite the nn.Module that FACTORY builds (the torch front-end) and export it to ONNX."""
     import importlib
 
@@ -403,7 +405,8 @@ def torch_cmd(factory, input_shapes, passes, output, calib, budget_texts, as_jso
             raise InputError(f"{calib} lacks arrays for the inputs {missing} (it has {list(data)}).")
         count = len(data[names[0]])
         batches = [tuple(torch.as_tensor(data[n][i:i + 8]) for n in names) for i in range(0, count, 8)]
-    new, report = art.rewrite(module, example, list(passes), calib=batches, budgets=list(budget_texts))
+    new, report = art.rewrite(module, example, list(passes), calib=batches, budgets=list(budget_texts),
+                              fallback=fallback)
     fd, tmp = __import__("tempfile").mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(output)))
     os.close(fd)
     try:

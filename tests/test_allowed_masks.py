@@ -38,3 +38,20 @@ def test_allowed_is_the_support_of_the_emitted_subgraph(spec, frame, tokens):
     support = weights > 1e-9
     assert np.array_equal(support[0], allowed) and np.array_equal(support[1], allowed)
     np.testing.assert_allclose(weights[0][allowed], np.repeat(1 / allowed.sum(1), allowed.sum(1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["halo:block=2,halo=1", "halo:block=2,halo=1,border=zero", "halo:block=4,halo=2"])
+def test_halo_allowed_and_zero_keys_are_the_emitted_weights(spec):
+    """HaloNet: the support is the in-grid part of each block's neighbourhood; with border=zero the
+    zero-padded keys (`zero_keys`) take their share of the softmax mass, so each allowed key weighs
+    1 / (allowed + zero keys) when all logits are equal."""
+    graph, site = lone_site(1, 2, 37, 4, scale=0.5, grid=(6, 6), prefix=1)
+    pass_spec = parse_pass(spec)
+    plan = pass_spec.applies(site)
+    allowed, zero = pass_spec.impl.allowed(site, plan), pass_spec.impl.zero_keys(site, plan)
+    assert (zero is not None) == spec.endswith("zero") and (zero is None or zero[1:].max() > 0)
+    zeros = np.zeros((1, 2, 37, 4), np.float32)
+    weights = effective_weights(ir.Model(graph, ir_version=10), pass_spec, site, plan, zeros, zeros, None)[0]
+    assert np.array_equal(weights > 1e-9, allowed)
+    share = 1 / (allowed.sum(1) + (0 if zero is None else zero))
+    np.testing.assert_allclose(weights[allowed], np.repeat(share, allowed.sum(1)), rtol=1e-5)

@@ -57,7 +57,7 @@ def test_inspect_gives_the_onnx_paths_site_info(capsys, tmp_path, attn, register
 
 
 PASSES = ["sdpa", "window:size=4x4", "window:size=2x2,shift=alternate", "neighborhood:kernel=3,dilation=2",
-          "grid:size=2", "linear", "linear:phi=relu,prefix=exact"]
+          "grid:size=2", "halo:block=2,halo=1", "halo:block=4,halo=1,border=zero", "linear", "linear:phi=relu,prefix=exact"]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,77 @@ def test_original_module_is_not_modified():
     art.rewrite(model, _inputs(), ["window:size=4x4"])
     assert {n for n, _ in model.named_modules()} == names
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+MASKED = ["window:size=4x4", "window:size=2x2,shift=half", "neighborhood:kernel=3,dilation=2", "grid:size=2",
+          "halo:block=2,halo=1"]
+
+
+@pytest.mark.parametrize("spec", MASKED)
+@pytest.mark.parametrize("bias_shape", [None, (2, 1, 1, 65), (2, 2, 65, 65)])
+def test_flex_block_masks_equal_the_dense_mask(spec, bias_shape):
+    """FlexAttention over the BlockMask of `allowed` computes what the dense masked softmax does (CPU
+    forward here; its backward and compiled kernels need a GPU), biases broadcast as the ONNX site's."""
+    from attnrewrite.torch.detect import detect
+
+    gm = art.trace(_vit("fused"), _inputs())
+    site = detect(gm)[0][0]
+    pass_spec = parse_pass(spec)
+    plan = pass_spec.applies(site)
+    allowed = pass_spec.impl.allowed(site, plan)
+    flex = V.MaskedAttention(allowed, site.scale, backend="flex")
+    dense = V.MaskedAttention(allowed, site.scale, backend="dense")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 65, 8, generator=g) for _ in range(3))
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g)
+    with torch.no_grad():
+        assert flex.uses_flex(q) and not dense.uses_flex(q)
+        assert (flex(q, k, v, bias) - dense(q, k, v, bias)).abs().max() < 1e-5
+    q.requires_grad_(True)
+    assert not flex.uses_flex(q), "no FlexAttention backward on the CPU: training takes the dense path"
+    flex(q, k, v, bias).sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_flex_modules_run_dense_when_exported(tmp_path):
+    new, _ = art.rewrite(_vit("fused"), _inputs(), ["window:size=4x4"], attention="flex")
+    modules = [m for m in new.modules() if isinstance(m, V.MaskedAttention)]
+    assert len(modules) == 2 and all(m.backend == "flex" for m in modules)
+    assert not V.MaskedAttention(np.ones((4, 4), bool), 1.0).uses_flex(torch.zeros(1, 1, 4, 2)), "auto: dense on CPU"
+    x = _inputs(2, seed=5)[0]
+    with torch.no_grad():
+        got = new(x)
+    dense, _ = art.rewrite(_vit("fused"), _inputs(), ["window:size=4x4"], attention="dense")
+    with torch.no_grad():
+        assert (got - dense(x)).abs().max() < 1e-5
+    path = art.export(new, _inputs(), str(tmp_path / "flex.onnx"))  # FlexAttention has no ONNX form
+    exported = list(ort_run(path, {_input_name(path): x.numpy()}).values())[0]
+    assert np.abs(exported - got.numpy()).max() < 1e-5
+    with pytest.raises(InputError, match="attention="):
+        art.rewrite(_vit("fused"), _inputs(), ["window:size=4x4"], attention="fast")
+
+
+def test_fallback_keeps_the_sites_the_budget_cannot_afford_original():
+    """The classifier reads the CLS token, which a window pass leaves exact (prefix tokens are global):
+    the last block's rewrite cannot move the logits, the first block's can. A budget no change can meet
+    keeps the first original and the last rewritten; a loose one keeps both rewritten."""
+    model, calib = _vit("manual", seed=3), [_inputs(4, seed=s) for s in range(2)]
+    x = _inputs(4, seed=9)[0]
+    with torch.no_grad():
+        want = model(x)
+    new, report = art.rewrite(model, _inputs(), ["window:size=2x2"], calib=calib, budgets=["cosine>=0.9999999"],
+                              fallback=True)
+    sites = {s["id"]: s for s in report["passes"][0]["sites"]}
+    assert sites["attn_1"]["sensitivity"]["cosine"] > 0.9999999 > sites["attn_0"]["sensitivity"]["cosine"]
+    assert report["passes"][0]["rewritten"] == ["attn_1"] and report["status"] == "ok", report
+    assert sites["attn_0"]["status"] == "reverted" and "fallback" in sites["attn_0"]["reason"]
+    with torch.no_grad():
+        assert (new(x) - want).abs().max() < 1e-5
+    assert sum(isinstance(m, V.MaskedAttention) for m in new.modules()) == 1
+    _, report = art.rewrite(model, _inputs(), ["window:size=2x2"], calib=calib, budgets=["cosine>=0.0"], fallback=True)
+    assert report["passes"][0]["rewritten"] == ["attn_0", "attn_1"]
+    with pytest.raises(InputError, match="needs budgets"):
+        art.rewrite(model, _inputs(), ["window:size=2x2"], fallback=True)
 
 
 def test_passes_without_a_torch_module_leave_sites_with_the_reason():

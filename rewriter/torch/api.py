@@ -20,6 +20,7 @@ from attnrewrite.registry import parse_pass
 from attnrewrite.torch import modules as V
 from attnrewrite.torch.detect import TorchSite, detect
 from attnrewrite.validate import metrics as M
+from attnrewrite.validate import sensitivity as S
 
 
 def trace(module: torch.nn.Module, example_inputs: Sequence) -> torch.fx.GraphModule:
@@ -48,9 +49,17 @@ def inspect(module: torch.nn.Module, example_inputs: Sequence) -> list[TorchSite
 
 
 def rewrite(module: torch.nn.Module, example_inputs: Sequence, passes: Sequence[str], calib: Iterable | None = None,
-            sites: Sequence[str] | None = None, budgets: Sequence[str] = ()) -> tuple[torch.fx.GraphModule, dict]:
+            sites: Sequence[str] | None = None, budgets: Sequence[str] = (), fallback: bool = False,
+            attention: str = "auto") -> tuple[torch.fx.GraphModule, dict]:
     """(the rewritten GraphModule, the report); `calib` is an iterable of input tuples (default: the
-    example inputs), `sites` limits the rewrite to these site ids."""
+    example inputs), `sites` limits the rewrite to these site ids. `fallback` (with `budgets`) keeps
+    the sites whose rewrite the budget cannot afford on their original attention, ordered by measured
+    leave-one-in sensitivity as on the ONNX path. `attention` picks how masked variants compute
+    (`modules.BACKENDS`: FlexAttention block masks, a dense mask, or auto: flex on CUDA)."""
+    if attention not in V.BACKENDS:
+        raise InputError(f"attention={attention!r}: choose one of {', '.join(V.BACKENDS)}.")
+    if fallback and not budgets:
+        raise InputError("fallback needs budgets: it keeps the sites the budget cannot afford original.")
     specs = [parse_pass(p) for p in passes]
     batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in (calib or [tuple(example_inputs)])]
     for batch in batches:
@@ -58,13 +67,19 @@ def rewrite(module: torch.nn.Module, example_inputs: Sequence, passes: Sequence[
                 tuple(a.shape[1:]) != tuple(e.shape[1:]) for a, e in zip(batch, example_inputs)):
             raise InputError("a calibration batch does not match example_inputs (same inputs, same shapes after "
                              "the batch axis).")
+    parsed = [M.parse_budget(b) for b in budgets]
     gm = trace(module, example_inputs)
     original = _run(gm, batches)
     reports = []
     for spec in specs:
-        reports.append(_apply(gm, spec, batches, sites))
+        report, swaps = _apply(gm, spec, batches, sites, attention)
+        if fallback and swaps:
+            _fallback(gm, swaps, report, batches, original, parsed)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()  # a reverted site's variant module goes too
+        gm.recompile()
+        reports.append(report)
     final = _run(gm, batches)
-    parsed = [M.parse_budget(b) for b in budgets]
     metrics = M.compare_outputs(original, final)
     failures = [str(f) for f in M.check_budgets(parsed, metrics)]
     return gm, {"front_end": "torch", "passes": reports, "metrics_vs_original": metrics, "budget_failures": failures,
@@ -132,7 +147,37 @@ def _activations(gm, sites, batches) -> dict:
     return {n: np.concatenate(v) for n, v in recorder.values.items()}
 
 
-def _apply(gm: torch.fx.GraphModule, spec, batches, only) -> dict:
+def _fallback(gm, swaps: dict, report: dict, batches, original, budgets) -> None:
+    """Leave-one-in sensitivity per rewritten site (the model with only that site's variant), then
+    `sensitivity.keep_within_budget`; the reverted sites' consumers read their original attention again."""
+    def use(kept: set[str]) -> dict:
+        for site_id, (old, new) in swaps.items():
+            if site_id in kept and not new.users:
+                old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            elif site_id not in kept and new.users:
+                new.replace_all_uses_with(old)
+        gm.recompile()
+        return M.compare_outputs(original, _run(gm, batches))
+
+    outcomes = {o["id"]: o for o in report["sites"]}
+    scores = {}
+    for site_id in swaps:
+        metrics = use({site_id})
+        outcomes[site_id]["sensitivity"] = S.summary(metrics)
+        scores[site_id] = S.budget_score(budgets, metrics)
+    kept = S.keep_within_budget(list(swaps), scores, lambda on: not M.check_budgets(budgets, use(on)))
+    use(kept)
+    for site_id in set(swaps) - kept:
+        outcomes[site_id].update(status="reverted", reason=(
+            f"kept original attention by fallback (rewritten alone, the model's {budgets[0].metric} moves to "
+            f"{abs(scores[site_id]):.6g})"))
+    report["rewritten"] = [i for i in report["rewritten"] if i in kept]
+
+
+def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto") -> tuple[dict, dict]:
+    """Rewrite every planned site of one pass; returns the pass report and, per rewritten site, the
+    (original, variant) output nodes (the original stays in the graph until dead code is eliminated,
+    so `_fallback` can point consumers back at it)."""
     found, rejected = detect(gm)
     outcomes = [{"id": node, "status": "not a site", "reason": why} for node, why in rejected]
     planned = []
@@ -148,6 +193,7 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only) -> dict:
         else:
             planned.append((site, plan))
     acts = _activations(gm, [s for s, _ in planned], batches) if planned else {}
+    swaps = {}
     for site, plan in planned:
         a = {role: acts[node] for role, node in (("q", site.q_node), ("k", site.k_node), ("v", site.v_node),
                                                  ("output", site.output_node), ("bias", site.bias_node)) if node is not None}
@@ -156,7 +202,7 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only) -> dict:
             if isinstance(plan, str):
                 outcomes.append({"id": site.id, "status": "skipped", "reason": plan})
                 continue
-        module = _module(spec, site, plan)
+        module = _module(spec, site, plan, attention)
         name = f"attnrewrite_{site.id}_{spec.name}"
         gm.add_submodule(name, module)
         args = (site.q_node, site.k_node, site.v_node) + ((site.bias_node,) if site.bias_node is not None else ())
@@ -164,24 +210,25 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only) -> dict:
             new = gm.graph.call_module(name, args)
         site.output_node.replace_all_uses_with(new)
         new.meta["val"] = site.output_node.meta.get("val")
+        swaps[site.id] = (site.output_node, new)
         with torch.no_grad():
             got = module(*(torch.as_tensor(a[r]) for r in ("q", "k", "v", "bias") if r in a)).numpy()
         outcomes.append({"id": site.id, "status": "rewritten", "reason": None,
                          "local": M.site_metrics(a["output"], got), "plan": plan.summary() or None})
-    gm.graph.eliminate_dead_code()
     gm.recompile()
     outcomes.sort(key=lambda o: int(o["id"].rsplit("_", 1)[-1]) if o["id"].startswith("attn_") else -1)
     return {"pass": spec.name, "label": spec.label(), "sites": outcomes,
-            "rewritten": [o["id"] for o in outcomes if o["status"] == "rewritten"]}
+            "rewritten": [o["id"] for o in outcomes if o["status"] == "rewritten"]}, swaps
 
 
 def _unsupported(spec) -> str | None:
-    if spec.name in ("sdpa", "window", "block", "neighborhood", "grid", "linear"):
+    if spec.name in ("sdpa", "window", "block", "neighborhood", "grid", "halo", "linear"):
         return None
-    return f"{spec.name} has no torch module yet (the torch front-end has sdpa, window, neighborhood, grid, linear)"
+    return (f"{spec.name} has no torch module yet (the torch front-end has sdpa, window, neighborhood, grid, halo, "
+            "linear); rewrite the exported ONNX for it")
 
 
-def _module(spec, site: TorchSite, plan) -> torch.nn.Module:
+def _module(spec, site: TorchSite, plan, attention: str = "auto") -> torch.nn.Module:
     if spec.name == "sdpa":
         return V.SoftmaxAttention(site.scale)
     if spec.name == "linear":
@@ -189,4 +236,5 @@ def _module(spec, site: TorchSite, plan) -> torch.nn.Module:
             return V.LinearAttention(plan, site.scale, site.num_heads, plan.local.prefix, plan.local.allowed())
         prefix = (site.prefix_tokens or 0) if plan.options["prefix"] == "exact" else 0
         return V.LinearAttention(plan, site.scale, site.num_heads, prefix)
-    return V.MaskedAttention(spec.impl.allowed(site, plan), site.scale)
+    zero_keys = spec.impl.zero_keys(site, plan) if hasattr(spec.impl, "zero_keys") else None
+    return V.MaskedAttention(spec.impl.allowed(site, plan), site.scale, zero_keys, backend=attention)

@@ -39,18 +39,77 @@ class SoftmaxAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
 
 
+#: how a MaskedAttention computes: flex (FlexAttention over a BlockMask), dense (softmax with an
+#: additive mask), auto (flex on CUDA, dense on the CPU)
+BACKENDS = ("auto", "flex", "dense")
+
+
 class MaskedAttention(nn.Module):
     """Spatial passes: softmax over each query's allowed keys (a static mask); biases are clamped at
-    the same floor as the ONNX emission, so a fully padded window cannot make a NaN row."""
+    the same floor as the ONNX emission, so a fully padded window cannot make a NaN row.
 
-    def __init__(self, allowed: np.ndarray, scale: float):
+    Two ways to compute the same thing. FlexAttention with a BlockMask built from `allowed` skips the
+    key blocks a query block never sees: the fast path on a GPU (compiled, with a backward). The dense
+    additive mask is what torch.onnx exports (FlexAttention has no ONNX form) and what trains on the
+    CPU (FlexAttention has no CPU backward; its CPU forward outside torch.compile materialises every
+    score anyway), so `auto` uses it there, and whenever the module is being exported. `zero_keys`
+    (HaloNet's zero-padded keys, logit 0 and value 0) only exist on the dense path."""
+
+    def __init__(self, allowed: np.ndarray, scale: float, zero_keys: np.ndarray | None = None, backend: str = "auto"):
         super().__init__()
-        self.scale = scale
+        if backend not in BACKENDS:
+            raise ValueError(f"{backend=} must be one of {BACKENDS}")
+        self.scale, self.backend = scale, backend
         self.register_buffer("mask", torch.as_tensor(np.where(allowed, 0.0, masked_value(np.float32)), dtype=torch.float32))
+        self.register_buffer("allowed", torch.as_tensor(np.asarray(allowed, bool)), persistent=False)
+        counts = None if zero_keys is None or not np.any(zero_keys) else torch.tensor(np.array(zero_keys, np.float32))
+        self.register_buffer("zero_keys", counts)
+        self._block_masks: dict = {}
 
     def forward(self, q, k, v, bias=None):
-        additive = self.mask if bias is None else self.mask + torch.clamp(bias, min=bias_floor(np.float32))
-        return _softmax_attention(q, k, v, self.scale, additive)
+        if bias is not None:
+            bias = torch.clamp(bias, min=bias_floor(np.float32))
+        if self.uses_flex(q):
+            return self._flex(q, k, v, bias)
+        additive = self.mask if bias is None else self.mask + bias
+        if self.zero_keys is None:
+            return _softmax_attention(q, k, v, self.scale, additive)
+        logits = self.scale * q @ k.transpose(-1, -2) + additive
+        top = torch.maximum(logits.amax(-1, keepdim=True), torch.where(self.zero_keys > 0, 0.0, -torch.inf)[:, None])
+        e = torch.exp(logits - top)
+        return (e @ v) / (e.sum(-1, keepdim=True) + self.zero_keys[:, None] * torch.exp(-top))
+
+    def uses_flex(self, q) -> bool:
+        """Whether this call runs FlexAttention (see the class docstring for when it cannot)."""
+        if self.backend == "dense" or self.zero_keys is not None or torch.compiler.is_exporting():
+            return False
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            return False
+        return self.backend == "flex" or q.device.type == "cuda"
+
+    def block_mask(self, device):
+        """The BlockMask of `allowed` (one per device; batch and heads broadcast)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key = str(device)
+        if key not in self._block_masks:
+            allowed = self.allowed.to(device)
+            n = allowed.shape[0]
+            self._block_masks[key] = create_block_mask(lambda b, h, qi, ki: allowed[qi, ki], None, None, n, n,
+                                                       device=device)
+        return self._block_masks[key]
+
+    def _flex(self, q, k, v, bias):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        score_mod = None
+        if bias is not None:
+            b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+            pick = [lambda i, n=n: i if n > 1 else 0 for n in b4.shape]  # broadcast axes read index 0
+
+            def score_mod(score, b, h, qi, ki):
+                return score + b4[pick[0](b), pick[1](h), pick[2](qi), pick[3](ki)]
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=self.block_mask(q.device), scale=self.scale)
 
 
 class LinearAttention(nn.Module):

@@ -428,20 +428,7 @@ class Pipeline:
                 return not self._budget_failures(gated.run(selection, self.batches, self.output_names))
 
             with self.progress.task(f"{spec.label()}: fallback search", 2 * len(ids) + 1) as tick:
-                reverted = []
-                tick()
-                if not holds(on):
-                    for site_id in sorted(ids, key=lambda i: -scores[i]):
-                        on.discard(site_id)
-                        reverted.append(site_id)
-                        tick()
-                        if holds(on):
-                            break
-                    for site_id in sorted(reverted, key=lambda i: scores[i]):
-                        on.add(site_id)
-                        tick()
-                        if not holds(on):
-                            on.discard(site_id)
+                on = S.keep_within_budget(ids, scores, holds, tick)
             for site_id in set(ids) - on:
                 outcomes[site_id].status = "reverted"
                 outcomes[site_id].reason = "kept original attention by --fallback " + (

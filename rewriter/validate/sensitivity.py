@@ -124,5 +124,30 @@ def summary(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {**({"cosine": min(cos)} if cos else {}), **({"rel_l2": max(rel)} if rel else {})}
 
 
+def keep_within_budget(ids: Sequence[str], scores: dict[str, float], holds: Callable[[set[str]], bool],
+                       tick: Callable[[], None] | None = None) -> set[str]:
+    """The sites `--fallback` keeps rewritten: revert the worst-scoring (most sensitive) one at a time
+    until `holds(kept)`, then try each reverted site again, best first, keeping it when the budget still
+    holds (drift is not additive across sites, so a site reverted early may fit after a later one).
+    Shared by the ONNX pipeline and the torch front-end."""
+    tick = tick or (lambda: None)
+    on, reverted = set(ids), []
+    tick()
+    if holds(on):
+        return on
+    for site_id in sorted(ids, key=lambda i: -scores[i]):
+        on.discard(site_id)
+        reverted.append(site_id)
+        tick()
+        if holds(on):
+            break
+    for site_id in sorted(reverted, key=lambda i: scores[i]):
+        on.add(site_id)
+        tick()
+        if not holds(on):
+            on.discard(site_id)
+    return on
+
+
 def compare(original, outputs, names) -> dict[str, dict[str, float]]:
     return M.compare_outputs(original, {n: outputs[n] for n in names})
