@@ -92,6 +92,7 @@ def model_rows(name: str, out: Path, repeats: int) -> list[dict]:
                      "sites": f"{len(p['rewritten'])}/{total}", "calib_cosine": min(cos),
                      "heldout_cosine": held_out_cosine(model, target, held, cfg["metric_output"]),
                      **({"predicted_drift": p["auto"]["predicted_drift"], "measured_drift": p["auto"]["measured_drift"],
+                         "predictor": p["auto"].get("predictor"), "site_speedup": p["auto"].get("site_speedup"),
                          "chosen": {s["id"]: s["plan"]["chosen"] for s in p["sites"]}} if "auto" in p else {})})
 
     for spec in cfg["passes"]:

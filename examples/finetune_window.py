@@ -1,6 +1,6 @@
 """Win back, by fine-tuning, the accuracy a training-free rewrite cost (the torch front-end).
 
-    python examples/finetune_window.py --out demo-ft                       # window:size=2x2 (~4 min, 2 cores)
+    python examples/finetune_window.py --out demo-ft                       # window:size=2x2 (~1.5 min, 2 cores)
     python examples/finetune_window.py --out demo-ft --pass linear:phi=fitted,dim=32
 
 The digits ViT of `digits_vit.py` (trained here) is rewritten in torch (`attnrewrite.torch.rewrite`),
@@ -93,8 +93,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=Path("demo-ft"))
     ap.add_argument("--pass", dest="spec", default="window:size=2x2")
     ap.add_argument("--train-epochs", type=int, default=12, help="epochs of the original digits ViT")
-    ap.add_argument("--distill-steps", type=int, default=150)
-    ap.add_argument("--epochs", type=int, default=3, help="end-to-end fine-tuning epochs")
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--epochs", type=int, default=10, help="end-to-end fine-tuning epochs")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

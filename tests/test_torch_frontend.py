@@ -287,6 +287,13 @@ def test_cli_rewrites_a_factorys_module(capsys, tmp_path):
     rc = main(["torch", "tests.torch_factories:tiny_vit", "--input-shape", "pixel_values=1x3x64x64",
                "--pass", "window:size=4x4", "-o", str(out)])
     assert rc == 2 and "--force" in capsys.readouterr().err
+    rc = main(["torch", "tests.torch_factories:tiny_vit", "--input-shape", "pixel_values=1x3x64x64",
+               "--pass", "window:size=2x2", "--calib", str(tmp_path / "calib.npz"), "-o", str(out), "--force",
+               "--budget", "cosine>=0.9999999", "--fallback", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    sites = json.loads(captured.out)["passes"][0]["sites"]
+    assert any(s["status"] == "reverted" for s in sites) and all("sensitivity" in s for s in sites)
 
 
 @pytest.mark.parametrize("factory,message", [("tests.torch_factories:missing", "cannot import"),
