@@ -207,6 +207,11 @@ class LinearPass(BasePass):
         attention."""
         options = plan.options
         q, k, v, target = acts["q"], acts["k"], acts["v"], acts["output"]
+        broken = [name for name, x in (("Q", q), ("K", k), ("V", v), ("the attention output", target))
+                  if not np.isfinite(x).all()]
+        if broken:
+            return (f"the calibration activations are not finite here ({', '.join(broken)} hold NaN or inf), so "
+                    "nothing can be fitted on them; the site keeps its softmax attention")
         weight = key_weight_reference(acts.get("bias"))
         prefix = plan.local.prefix if plan.local else (site.prefix_tokens or 0) if options["prefix"] == "exact" else 0
         report = {}

@@ -182,3 +182,14 @@ def test_cli_keeps_softmax_where_the_fit_diverged(capsys, tmp_path, vit32, monke
     assert all(s["status"] == "skipped" and "diverged" in s["reason"] for s in sites)
     proto = onnx.load(tmp_path / "d.onnx")
     assert all(np.isfinite(onnx.numpy_helper.to_array(t)).all() for t in proto.graph.initializer)
+
+
+@pytest.mark.parametrize("spec", ["linear:phi=fitted,dim=4", "linear:local=2x2", "linear:fit=ridge"])
+def test_non_finite_calibration_activations_keep_softmax_with_the_reason(spec):
+    _, site = lone_site(2, 2, 17, 8, scale=0.3, grid=(4, 4), prefix=1)
+    plan = L.LINEAR.applies(site, parse_pass(spec).options)
+    assert isinstance(plan, L.LinearPlan), plan
+    q, k, v = (np.random.default_rng(i).standard_normal((8, 2, 17, 8)).astype(np.float32) for i in range(3))
+    k[3, 1, 5, 2] = np.nan
+    reason = L.LINEAR.fit(site, {"q": q, "k": k, "v": v, "output": v.copy()}, plan)
+    assert isinstance(reason, str) and "K" in reason and "not finite" in reason and "keeps its softmax" in reason
