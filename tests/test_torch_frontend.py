@@ -249,6 +249,52 @@ def test_fallback_keeps_the_sites_the_budget_cannot_afford_original():
         art.rewrite(model, _inputs(), ["window:size=2x2"], fallback=True)
 
 
+class MHAViT(torch.nn.Module):
+    """CLIP-style blocks on nn.MultiheadAttention: with need_weights=True (the default) it traces to
+    bmm over [B·heads, tokens, dim] and also averages the weights; with False, to SDPA per head."""
+
+    def __init__(self, need_weights: bool, dim=16, heads=2, depth=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.need_weights = need_weights
+        self.patch = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = torch.nn.Parameter(torch.randn(1, 17, dim) * 0.5)
+        self.attn = torch.nn.ModuleList(torch.nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(depth))
+        self.head = torch.nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        for attn in self.attn:
+            y, _ = attn(t, t, t, need_weights=self.need_weights)
+            t = t + y
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("spec", ["window:size=2x2", "neighborhood:kernel=3", "linear", "linear:local=2x2,phi=relu"])
+def test_multihead_attention_returning_weights_is_found_and_rewritten(tmp_path, spec):
+    """need_weights=True folds heads into the batch; the site is found (its Q/K/V seen as one head per
+    batch entry) and rewrites to what the per-head SDPA form of the same module rewrites to, except
+    that what is fitted per head (the hybrid's γ) is one value shared by the folded heads."""
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+    folded, per_head = MHAViT(True).eval(), MHAViT(False).eval()
+    sites = art.inspect(folded, x)
+    assert len(sites) == 2 and all(s.folded_heads and s.num_heads == 1 and s.grid == (4, 4) for s in sites)
+    assert [s.prefix_tokens for s in sites] == [1, 1] and [s.q for s in sites][0].shape[1:] == (1, 17, 8)
+    calib = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)),)]
+    a, report = art.rewrite(folded, x, [spec], calib=calib)
+    b, _ = art.rewrite(per_head, x, [spec], calib=calib)
+    assert report["passes"][0]["rewritten"] == ["attn_0", "attn_1"], report
+    with torch.no_grad():
+        assert (a(*x) - b(*x)).abs().max() < (1e-5 if "local" not in spec else 0.05)
+        assert (a(*x) - folded(*x)).abs().max() > 1e-4, "the rewrite really changed attention"
+    path = art.export(a, x, str(tmp_path / "mha.onnx"))
+    got = list(ort_run(path, {_input_name(path): x[0].numpy()}).values())[0]
+    with torch.no_grad():
+        assert np.abs(got - a(*x).numpy()).max() < 1e-5
+
+
 def test_passes_without_a_torch_module_leave_sites_with_the_reason():
     _, report = art.rewrite(_vit("fused"), _inputs(), ["int8"])
     sites = report["passes"][0]["sites"]

@@ -39,7 +39,12 @@ def trace(module: torch.nn.Module, example_inputs: Sequence) -> torch.fx.GraphMo
                          "export to ONNX with torch.onnx.export and use the ONNX path (attnrewrite MODEL.onnx).") from None
     unlifted = program.module()
     # a plain GraphModule (torch.export's refuses .train(), and the rewritten module is meant to train)
-    return torch.fx.GraphModule(unlifted, unlifted.graph)
+    gm = torch.fx.GraphModule(unlifted, unlifted.graph)
+    # values nobody reads go (nn.MultiheadAttention's averaged weights when the caller drops them), so
+    # the attention weights they read are multiplied by V once, as detection requires
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def inspect(module: torch.nn.Module, example_inputs: Sequence) -> list[TorchSite]:
@@ -197,12 +202,16 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
     for site, plan in planned:
         a = {role: acts[node] for role, node in (("q", site.q_node), ("k", site.k_node), ("v", site.v_node),
                                                  ("output", site.output_node), ("bias", site.bias_node)) if node is not None}
+        if site.folded_heads:
+            a = {role: x[:, None] for role, x in a.items()}
         if plan.needs_fit:
             plan = spec.impl.fit(site, a, plan)
             if isinstance(plan, str):
                 outcomes.append({"id": site.id, "status": "skipped", "reason": plan})
                 continue
         module = _module(spec, site, plan, attention)
+        if site.folded_heads:
+            module = V.FoldedHeads(module)
         name = f"attnrewrite_{site.id}_{spec.name}"
         gm.add_submodule(name, module)
         args = (site.q_node, site.k_node, site.v_node) + ((site.bias_node,) if site.bias_node is not None else ())
@@ -212,7 +221,9 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
         new.meta["val"] = site.output_node.meta.get("val")
         swaps[site.id] = (site.output_node, new)
         with torch.no_grad():
-            got = module(*(torch.as_tensor(a[r]) for r in ("q", "k", "v", "bias") if r in a)).numpy()
+            got = module(*(torch.as_tensor(a[r][:, 0] if site.folded_heads else a[r])
+                           for r in ("q", "k", "v", "bias") if r in a)).numpy()
+        got = got[:, None] if site.folded_heads else got
         outcomes.append({"id": site.id, "status": "rewritten", "reason": None,
                          "local": M.site_metrics(a["output"], got), "plan": plan.summary() or None})
     gm.recompile()

@@ -1,6 +1,10 @@
 """Attention sites in a `torch.export` graph: `aten.scaled_dot_product_attention` and the hand-written
 `softmax(scale · q @ kᵀ + bias) @ v`, described by the ONNX front-end's `SiteInfo`.
 
+Q/K/V are [B, heads, tokens, dim], or [B·heads, tokens, dim] as `nn.MultiheadAttention` computes them
+when it returns its weights (`need_weights=True`, the default): such a site is seen as one head per
+batch entry (`folded_heads`), which every pass but the per-head fitted ones handles as is (fitted maps are then shared by the heads).
+
 Shapes come from the fake tensors `torch.export` leaves in `node.meta["val"]`. The token grid comes
 from the patch embedding: a conv whose stride equals its kernel (ViT, DeiT, DINOv2); the tokens in
 front of the grid (CLS, registers) are the prefix.
@@ -43,6 +47,8 @@ class TorchSite:
     v_node: torch.fx.Node
     bias_node: torch.fx.Node | None
     output_node: torch.fx.Node
+    #: Q/K/V are [B·heads, tokens, dim] (heads folded into the batch); passes see [B·heads, 1, tokens, dim]
+    folded_heads: bool = False
     anchor = None
     verified = True
 
@@ -56,7 +62,10 @@ class TorchSite:
         return int(self.id.rsplit("_", 1)[-1])
 
     def _ref(self, node):
-        return None if node is None else TensorRef(node.name, tuple(_shape(node)))
+        if node is None:
+            return None
+        shape = tuple(_shape(node))
+        return TensorRef(node.name, shape[:1] + (1,) + shape[1:] if self.folded_heads and len(shape) == 3 else shape)
 
     @property
     def q(self) -> TensorRef:
@@ -109,11 +118,17 @@ def detect(gm: torch.fx.GraphModule) -> tuple[list[TorchSite], list[tuple[str, s
             continue
         q, k, v, bias, scale, output, op = found
         shapes = [_shape(x) for x in (q, k, v)]
+        folded = all(len(s) == 3 for s in shapes) and (bias is None or len(_shape(bias)) == 3)
+        if folded:
+            shapes = [s[:1] + (1,) + s[1:] for s in shapes]
         if any(len(s) != 4 for s in shapes):
-            rejected.append((node.name, f"Q/K/V are not [B, heads, tokens, dim] (shapes {shapes})"))
+            rejected.append((node.name, f"Q/K/V are not [B, heads, tokens, dim] or [B·heads, tokens, dim] "
+                                        f"(shapes {shapes})"))
             continue
         (b, h, n, d), (_, _, nk, _), (_, _, _, dv) = shapes
         bias_shape = _shape(bias) if bias is not None else None
+        if folded and bias_shape is not None:
+            bias_shape = bias_shape[:1] + (1,) + bias_shape[1:]
         prefix, vision = None, grid is not None
         if grid is not None and n == nk and n >= grid[0] * grid[1]:
             prefix = n - grid[0] * grid[1]
@@ -123,7 +138,7 @@ def detect(gm: torch.fx.GraphModule) -> tuple[list[TorchSite], list[tuple[str, s
                         kind="self" if n == nk else "cross", instances=1, window=None,
                         grid=grid if prefix is not None else None, prefix_tokens=prefix, suffix_tokens=0,
                         rotary=False, output_layout="bhnd", vision=vision and prefix is not None)
-        sites.append(TorchSite(f"attn_{len(sites)}", info, q, k, v, bias, output))
+        sites.append(TorchSite(f"attn_{len(sites)}", info, q, k, v, bias, output, folded))
     return sites, rejected
 
 

@@ -175,3 +175,16 @@ class LinearAttention(nn.Module):
         r, b = self.correction
         tail = out[:, :, self.prefix:] @ r.unsqueeze(0) + b.unsqueeze(0)
         return torch.cat([out[:, :, :self.prefix], tail], dim=2) if self.prefix else tail
+
+
+class FoldedHeads(nn.Module):
+    """A variant module at a site whose Q/K/V are [B·heads, tokens, dim] (`nn.MultiheadAttention`
+    returning its weights): the variant sees one head per batch entry, and the output goes back to 3-D."""
+
+    def __init__(self, variant: nn.Module):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, q, k, v, bias=None):
+        bias = None if bias is None else bias.unsqueeze(1)
+        return self.variant(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), bias).squeeze(1)
