@@ -295,10 +295,77 @@ def test_multihead_attention_returning_weights_is_found_and_rewritten(tmp_path, 
         assert np.abs(got - a(*x).numpy()).max() < 1e-5
 
 
-def test_passes_without_a_torch_module_leave_sites_with_the_reason():
+def test_a_pass_without_a_torch_module_leaves_sites_with_the_reason(monkeypatch):
+    from attnrewrite.torch import api
+
+    monkeypatch.setattr(api, "TORCH_PASSES", tuple(p for p in api.TORCH_PASSES if p != "int8"))
     _, report = art.rewrite(_vit("fused"), _inputs(), ["int8"])
     sites = report["passes"][0]["sites"]
     assert all(s["status"] == "skipped" and "no torch module yet" in s["reason"] for s in sites)
+
+
+QUANT_SPECS = ["int8", "int4", "quant:pv=fp", "quant:qk=fp", "int8:granularity=head,smooth_v=true",
+               "int8:granularity=block:4,p_scale=static", "int8:scales=static", "int4:scales=static,granularity=head"]
+
+
+@pytest.mark.parametrize("spec", QUANT_SPECS)
+def test_quant_module_equals_the_numpy_reference(spec):
+    """The same integers as `quant_attention_reference`: outputs agree to float32 rounding except
+    where a value sits on a rounding tie (rare; bounded by one quantisation step)."""
+    from attnrewrite.passes import quantize as Qz
+
+    _, site = lone_site(2, 2, 17, 8, scale=0.35, grid=(4, 4), prefix=1)
+    pass_spec = parse_pass(spec)
+    plan = pass_spec.applies(site)
+    g = np.random.default_rng(3)
+    q, k, v = (g.standard_normal((3, 2, 17, 8)).astype(np.float32) for _ in range(3))
+    if plan.needs_fit:
+        plan = pass_spec.impl.fit(site, {"q": q, "k": k, "v": v, "output": v}, plan)
+    want = Qz.quant_attention_reference(q, k, v, scale=0.35, cfg=plan.config)["output"]
+    module = V.QuantAttention(plan.config, 0.35)
+    with torch.no_grad():
+        got = module(*(torch.as_tensor(x) for x in (q, k, v))).numpy()
+    diff = np.abs(got - want)
+    assert np.mean(diff > 1e-5) < 0.01 and diff.max() < 0.05, (diff.max(), np.mean(diff > 1e-5))
+    if plan.config.static is not None:
+        assert {n for n, _ in module.named_parameters()} == {f"static.{k}" for k in plan.config.static}
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:granularity=head", "paro:density=0.5,block=4,bits=8",
+                                  "paro:density=0.5,block=4,bits=16"])
+def test_quantised_torch_rewrites_export_equal_to_the_onnx_path(capsys, tmp_path, originals, spec):
+    """Same integers in both paths (ORT's uint8 × int8 kernels vs the exported float emulation); paro's
+    tables are fitted on the same calibration images on both sides."""
+    from attnrewrite.cli import main
+
+    model, calib = _vit("fused"), _inputs(4, seed=1)
+    new, report = art.rewrite(model, _inputs(), [spec], calib=[calib])
+    assert report["passes"][0]["rewritten"] == ["attn_0", "attn_1"], report
+    art.export(new, _inputs(), str(tmp_path / "torch.onnx"))
+    orig = originals("fused", 0)
+    np.savez(tmp_path / "calib.npz", **{_input_name(orig): calib[0].numpy()})
+    rc = main([orig, "--pass", spec, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "onnx.onnx"), "--json"])
+    capsys.readouterr()
+    assert rc == 0
+    x = _inputs(3, seed=2)[0].numpy()
+    got = list(ort_run(str(tmp_path / "torch.onnx"), {_input_name(tmp_path / "torch.onnx"): x}).values())[0]
+    want = list(ort_run(str(tmp_path / "onnx.onnx"), {_input_name(tmp_path / "onnx.onnx"): x}).values())[0]
+    plain = list(ort_run(orig, {_input_name(orig): x}).values())[0]
+    assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+    assert np.abs(want - plain).max() > 1e-5 or spec.endswith("bits=16"), "the rewrite changed nothing"
+
+
+def test_quant_module_trains_its_static_scales():
+    _, site = lone_site(2, 2, 17, 8, scale=0.35, grid=(4, 4), prefix=1)
+    spec = parse_pass("int8:scales=static")
+    g = np.random.default_rng(5)
+    q, k, v = (g.standard_normal((3, 2, 17, 8)).astype(np.float32) for _ in range(3))
+    plan = spec.impl.fit(site, {"q": q, "k": k, "v": v, "output": v}, spec.applies(site))
+    module = V.QuantAttention(plan.config, 0.35)
+    x = [torch.as_tensor(a).requires_grad_(True) for a in (q, k, v)]
+    module(*x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in x), "rounding passes gradients straight through"
 
 
 def test_bad_inputs_are_one_sentence():

@@ -232,11 +232,15 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
             "rewritten": [o["id"] for o in outcomes if o["status"] == "rewritten"]}, swaps
 
 
+#: passes with a torch module (`_module`)
+TORCH_PASSES = ("sdpa", "window", "block", "neighborhood", "grid", "halo", "linear", "quant", "int8", "int4", "paro")
+
+
 def _unsupported(spec) -> str | None:
-    if spec.name in ("sdpa", "window", "block", "neighborhood", "grid", "halo", "linear"):
+    if spec.name in TORCH_PASSES:
         return None
-    return (f"{spec.name} has no torch module yet (the torch front-end has sdpa, window, neighborhood, grid, halo, "
-            "linear); rewrite the exported ONNX for it")
+    return (f"{spec.name} has no torch module yet (the torch front-end has {', '.join(TORCH_PASSES)}); rewrite the "
+            "exported ONNX for it")
 
 
 def _module(spec, site: TorchSite, plan, attention: str = "auto") -> torch.nn.Module:
@@ -247,5 +251,14 @@ def _module(spec, site: TorchSite, plan, attention: str = "auto") -> torch.nn.Mo
             return V.LinearAttention(plan, site.scale, site.num_heads, plan.local.prefix, plan.local.allowed())
         prefix = (site.prefix_tokens or 0) if plan.options["prefix"] == "exact" else 0
         return V.LinearAttention(plan, site.scale, site.num_heads, prefix)
+    if spec.name in ("quant", "int8", "int4"):
+        return V.QuantAttention(plan.config, site.scale)
+    if spec.name == "paro":
+        from attnrewrite.passes import paro
+
+        keep, cfg = paro.keep_mask(plan.frame, plan.tables), paro.quant_config(plan.options)
+        if cfg.qk is None and cfg.pv is None:
+            return V.MaskedAttention(keep, site.scale, backend=attention)
+        return V.QuantAttention(cfg, site.scale, keep)
     zero_keys = spec.impl.zero_keys(site, plan) if hasattr(spec.impl, "zero_keys") else None
     return V.MaskedAttention(spec.impl.allowed(site, plan), site.scale, zero_keys, backend=attention)

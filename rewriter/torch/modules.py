@@ -45,8 +45,9 @@ BACKENDS = ("auto", "flex", "dense")
 
 
 class MaskedAttention(nn.Module):
-    """Spatial passes: softmax over each query's allowed keys (a static mask); biases are clamped at
-    the same floor as the ONNX emission, so a fully padded window cannot make a NaN row.
+    """Spatial passes (and `paro:bits=16`): softmax over each query's allowed keys (a static mask
+    [N, N], or [heads, N, N]); biases are clamped at the same floor as the ONNX emission, so a fully
+    padded window cannot make a NaN row.
 
     Two ways to compute the same thing. FlexAttention with a BlockMask built from `allowed` skips the
     key blocks a query block never sees: the fast path on a GPU (compiled, with a backward). The dense
@@ -94,9 +95,12 @@ class MaskedAttention(nn.Module):
         key = str(device)
         if key not in self._block_masks:
             allowed = self.allowed.to(device)
-            n = allowed.shape[0]
-            self._block_masks[key] = create_block_mask(lambda b, h, qi, ki: allowed[qi, ki], None, None, n, n,
-                                                       device=device)
+            n = allowed.shape[-1]
+            if allowed.dim() == 3:  # one mask per head (paro's per-head tables)
+                mask_mod, heads = (lambda b, h, qi, ki: allowed[h, qi, ki]), allowed.shape[0]
+            else:
+                mask_mod, heads = (lambda b, h, qi, ki: allowed[qi, ki]), None
+            self._block_masks[key] = create_block_mask(mask_mod, None, heads, n, n, device=device)
         return self._block_masks[key]
 
     def _flex(self, q, k, v, bias):
@@ -188,3 +192,84 @@ class FoldedHeads(nn.Module):
     def forward(self, q, k, v, bias=None):
         bias = None if bias is None else bias.unsqueeze(1)
         return self.variant(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), bias).squeeze(1)
+
+
+def _round(x):
+    """Round half to even (as QuantizeLinear) with a straight-through gradient, so the module trains."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _group_absmax(x, gran: str):
+    """`quantize.group_absmax` in torch: max |x| per tensor, head, token or block of tokens."""
+    a = x.abs()
+    if gran == "tensor":
+        return a.amax(dim=(0, 1, 2, 3), keepdim=True)
+    if gran == "head":
+        return a.amax(dim=(0, 2, 3), keepdim=True)
+    if gran == "token":
+        return a.amax(dim=3, keepdim=True)
+    size = int(gran.split(":")[1])
+    b, h, n, d = a.shape
+    nb = -(-n // size)
+    padded = F.pad(a, (0, 0, 0, nb * size - n))
+    per_block = padded.reshape(b, h, nb, size * d).amax(-1, keepdim=True)
+    return per_block.repeat_interleave(size, dim=2)[:, :, :n]
+
+
+class QuantAttention(nn.Module):
+    """`int8`, `int4`, `quant` and `paro:bits=8|4`: `quantize.quant_attention_reference` in torch
+    (symmetric integers, round half to even, saturating; K smoothing; V per channel; P per row at
+    rowmax/levels), with `keep` ([heads, N, N], paro's kept blocks) restricting the keys. Rounding passes
+    gradients straight through, and fitted static scales are `nn.Parameter`s, so the module trains
+    (quantisation-aware). Dynamic scales are computed from each input, as the ONNX graph does."""
+
+    def __init__(self, cfg, scale: float, keep: np.ndarray | None = None):
+        super().__init__()
+        self.cfg, self.scale = cfg, scale
+        self.static = None
+        if cfg.static is not None:
+            self.static = nn.ParameterDict({k: nn.Parameter(torch.tensor(np.array(v, np.float32)))
+                                            for k, v in cfg.static.items()})
+        self.register_buffer("keep", None if keep is None else torch.as_tensor(np.asarray(keep, bool)))
+
+    def scales(self, q, k, v) -> dict:
+        if self.static is not None:
+            return {name: torch.clamp(s, min=1e-30) for name, s in self.static.items()}
+        cfg, out = self.cfg, {}
+        with torch.no_grad():
+            if cfg.qk is not None:
+                out["q"] = torch.clamp(_group_absmax(q, cfg.granularity) / cfg.qk.q_levels, min=1e-30)
+                out["k"] = torch.clamp(_group_absmax(k, cfg.granularity) / cfg.qk.k_levels, min=1e-30)
+            if cfg.pv is not None:
+                out["v"] = torch.clamp(v.abs().amax(dim=2, keepdim=True) / cfg.pv.v_levels, min=1e-30)
+        return out
+
+    def forward(self, q, k, v, bias=None):
+        cfg = self.cfg
+        if cfg.smooth_k:
+            k = k - k.mean(dim=2, keepdim=True)
+        v_mean = v.mean(dim=2, keepdim=True) if cfg.smooth_v else None
+        if v_mean is not None:
+            v = v - v_mean
+        s = self.scales(q, k, v)
+        if cfg.qk is None:
+            logits = (q * self.scale) @ k.transpose(-1, -2)
+        else:
+            lq, lk = cfg.qk.q_levels, cfg.qk.k_levels
+            q_int = torch.clamp(_round(q / s["q"]), -lq, lq)
+            k_int = torch.clamp(_round(k / s["k"]), -lk, lk)
+            logits = (q_int @ k_int.transpose(-1, -2)) * (s["q"] * self.scale) * s["k"].transpose(-1, -2)
+        if bias is not None:
+            logits = logits + bias
+        if self.keep is not None:
+            logits = logits.masked_fill(~self.keep, -torch.inf)
+        p = torch.softmax(logits, dim=-1)
+        if cfg.pv is None:
+            out = p @ v
+        else:
+            levels = cfg.pv.p_levels
+            v_int = torch.clamp(_round(v / s["v"]), -cfg.pv.v_levels, cfg.pv.v_levels)
+            p_max = p.amax(dim=-1, keepdim=True) if cfg.p_scale == "row" else torch.ones_like(p[..., :1])
+            p_int = torch.clamp(_round(p / (p_max / levels)), 0, levels)
+            out = (p_int @ v_int) * (s["v"] / levels) * p_max
+        return out + v_mean if v_mean is not None else out
