@@ -295,6 +295,34 @@ def test_multihead_attention_returning_weights_is_found_and_rewritten(tmp_path, 
         assert np.abs(got - a(*x).numpy()).max() < 1e-5
 
 
+class EinsumAttention(torch.nn.Module):
+    def __init__(self, qk="bhid,bhjd->bhij", pv="bhij,bhjd->bhid"):
+        super().__init__()
+        self.qk, self.pv = qk, pv
+
+    def forward(self, q, k, v):
+        return torch.einsum(self.pv, torch.einsum(self.qk, q, k).mul(0.25).softmax(-1), v)
+
+
+@pytest.mark.parametrize("qk,pv,found", [("bhid,bhjd->bhij", "bhij,bhjd->bhid", True),
+                                         ("b h i d, b h j d -> b h i j", "bhij,bhjc->bhic", True),
+                                         ("bhid,bhjd->bhji", "bhji,bhjd->bhid", False),  # weights transposed
+                                         ("bhid,bhjd->bhij", "bhij,bhid->bhjd", False)])
+def test_einsum_written_attention_is_a_site(qk, pv, found):
+    x = tuple(torch.randn(2, 2, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    module = EinsumAttention(qk, pv)
+    sites = art.inspect(module, x)
+    if not found:
+        assert sites == []
+        return
+    assert len(sites) == 1 and sites[0].num_heads == 2 and abs(sites[0].scale - 0.25) < 1e-9
+    new, _ = art.rewrite(module, x, ["window:size=3"])
+    want = V.MaskedAttention(parse_pass("window:size=3").impl.allowed(sites[0], parse_pass("window:size=3").applies(sites[0])),
+                             0.25)(*x)
+    with torch.no_grad():
+        assert (new(*x) - want).abs().max() < 1e-6
+
+
 def test_a_pass_without_a_torch_module_leaves_sites_with_the_reason(monkeypatch):
     from attnrewrite.torch import api
 

@@ -1,5 +1,5 @@
 """Attention sites in a `torch.export` graph: `aten.scaled_dot_product_attention` and the hand-written
-`softmax(scale · q @ kᵀ + bias) @ v`, described by the ONNX front-end's `SiteInfo`.
+`softmax(scale · q @ kᵀ + bias) @ v` (matmuls or einsums), described by the ONNX front-end's `SiteInfo`.
 
 Q/K/V are [B, heads, tokens, dim], or [B·heads, tokens, dim] as `nn.MultiheadAttention` computes them
 when it returns its weights (`need_weights=True`, the default): such a site is seen as one head per
@@ -184,21 +184,49 @@ def _from_softmax(node):
     while x.op == "call_function" and x.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
         scale = scale * x.args[1] if x.target == aten.mul.Tensor else scale / x.args[1]
         x = x.args[0]
-    if not (x.op == "call_function" and x.target in MATMUL):
+    if x.op == "call_function" and x.target == aten.einsum.default:
+        q, k = _einsum_operands(x, "qk")
+        if q is None:
+            return "the softmax input is an einsum, but not q·kᵀ over the last axis ('...id,...jd->...ij')"
+    elif x.op == "call_function" and x.target in MATMUL:
+        q, kt = x.args[:2]
+        k = _untransposed(kt)
+        if k is None:
+            return "the key operand is not kᵀ (a transpose of the last two axes)"
+    else:
         return "the softmax input is not scale · q @ kᵀ (+ bias)"
-    q, kt = x.args[:2]
     while q.op == "call_function" and q.target in (aten.mul.Tensor,) and isinstance(q.args[1], (int, float)):
         scale, q = scale * q.args[1], q.args[0]
-    k = _untransposed(kt)
-    if k is None:
-        return "the key operand is not kᵀ (a transpose of the last two axes)"
     weights, user = node, _single_user(node)
     while user is not None and user.op == "call_function" and user.target in PASS_THROUGH:
         weights, user = user, _single_user(user)
+    if user is not None and user.op == "call_function" and user.target == aten.einsum.default:
+        first, v = _einsum_operands(user, "pv")
+        if first is weights:
+            return q, k, v, bias, scale, user, "aten.softmax"
     if user is None or user.op != "call_function" or user.target not in MATMUL or user.args[0] is not weights:
         return "the attention weights are not multiplied by V exactly once"
     out = user
     return q, k, out.args[1], bias, scale, out, "aten.softmax"
+
+
+def _einsum_operands(node, role: str):
+    """The two operands of an einsum that is q·kᵀ (`...id,...jd->...ij`, role "qk") or P·V
+    (`...ij,...jd->...id`, role "pv") with the same leading (batch, head) letters; (None, None) otherwise."""
+    equation, operands = node.args[0], node.args[1]
+    lhs, _, out = equation.replace(" ", "").partition("->")
+    parts = lhs.split(",")
+    if len(parts) != 2 or len(operands) != 2 or "." in equation or min(map(len, parts + [out])) < 3:
+        return None, None
+    (a, b), lead = parts, out[:-2]
+    if a[:-2] != lead or b[:-2] != lead or len(set(a + b)) != len(lead) + 3:
+        return None, None
+    i, j = out[-2:]
+    if role == "qk":
+        ok = a[-2] == i and b[-2] == j and a[-1] == b[-1] and a[-1] not in out
+    else:
+        ok = a[-2:] == i + b[-2] and b[-1] == j and b[-2] not in out
+    return tuple(operands) if ok else (None, None)
 
 
 def _has_matmul(node) -> bool:
