@@ -295,6 +295,23 @@ def test_multihead_attention_returning_weights_is_found_and_rewritten(tmp_path, 
         assert np.abs(got - a(*x).numpy()).max() < 1e-5
 
 
+@pytest.mark.parametrize("builder", ["hf_vit", "hf_vit_sdpa", "hf_deit", "hf_dinov2_reg", "hf_clip_vision"])
+def test_transformers_models_are_found_with_their_grid_and_prefix(builder):
+    """transformers' eager (matmul) and SDPA attention code, as real checkpoints run it: every layer is
+    a site with the grid and prefix tokens the fixture declares, and a window rewrite applies to all."""
+    from tests.fixtures import hf
+
+    built = getattr(hf, builder)()
+    sites = art.inspect(built.model, built.inputs)
+    meta = built.meta.sites
+    assert len(sites) == len(meta)
+    for site, want in zip(sites, meta):
+        assert site.grid == tuple(want.grid) and site.prefix_tokens == want.prefix_tokens
+        assert site.num_heads == want.num_heads and site.head_dim == want.head_dim
+    _, report = art.rewrite(built.model, built.inputs, ["window:size=4x4"])
+    assert len(report["passes"][0]["rewritten"]) == len(meta), report
+
+
 class EinsumAttention(torch.nn.Module):
     def __init__(self, qk="bhid,bhjd->bhij", pv="bhij,bhjd->bhid"):
         super().__init__()

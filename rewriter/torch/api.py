@@ -30,6 +30,8 @@ def trace(module: torch.nn.Module, example_inputs: Sequence) -> torch.fx.GraphMo
     # (a batch of 1 would be specialised by torch.export, so a one-sample example is traced twice over)
     batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs]
     dynamic = tuple({0: torch.export.Dim.AUTO} if b else None for b in batched)
+    if _takes_varargs(module):  # torch.export matches dynamic_shapes to parameters: *args is one
+        dynamic = (dynamic,)
     inputs = tuple(torch.cat([x, x]) if b and x.shape[0] == 1 else x for x, b in zip(example_inputs, batched))
     try:
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
@@ -45,6 +47,13 @@ def trace(module: torch.nn.Module, example_inputs: Sequence) -> torch.fx.GraphMo
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _takes_varargs(module: torch.nn.Module) -> bool:
+    import inspect as pyinspect
+
+    params = list(pyinspect.signature(module.forward).parameters.values())
+    return bool(params) and params[0].kind is pyinspect.Parameter.VAR_POSITIONAL
 
 
 def inspect(module: torch.nn.Module, example_inputs: Sequence) -> list[TorchSite]:
@@ -202,6 +211,8 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
     for site, plan in planned:
         a = {role: acts[node] for role, node in (("q", site.q_node), ("k", site.k_node), ("v", site.v_node),
                                                  ("output", site.output_node), ("bias", site.bias_node)) if node is not None}
+        if site.bool_mask:
+            a["bias"] = V.additive_mask(a["bias"])
         if site.folded_heads:
             a = {role: x[:, None] for role, x in a.items()}
         if plan.needs_fit:
@@ -212,6 +223,8 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
         module = _module(spec, site, plan, attention)
         if site.folded_heads:
             module = V.FoldedHeads(module)
+        if site.bool_mask:
+            module = V.BoolMask(module)
         name = f"attnrewrite_{site.id}_{spec.name}"
         gm.add_submodule(name, module)
         args = (site.q_node, site.k_node, site.v_node) + ((site.bias_node,) if site.bias_node is not None else ())

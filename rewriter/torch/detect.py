@@ -24,7 +24,9 @@ SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
 TRANSPOSE = {aten.transpose.int}
-PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.contiguous.default}
+PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.to.dtype, aten._to_copy.default}
+#: users that only check a value (transformers' `softmax(..., dtype=float32)` leaves one)
+CHECKS = {aten._assert_tensor_metadata.default}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,8 @@ class TorchSite:
     output_node: torch.fx.Node
     #: Q/K/V are [B·heads, tokens, dim] (heads folded into the batch); passes see [B·heads, 1, tokens, dim]
     folded_heads: bool = False
+    #: the bias is a boolean mask (True: attend), as transformers' SDPA path passes; variants get it additive
+    bool_mask: bool = False
     anchor = None
     verified = True
 
@@ -138,8 +142,12 @@ def detect(gm: torch.fx.GraphModule) -> tuple[list[TorchSite], list[tuple[str, s
                         kind="self" if n == nk else "cross", instances=1, window=None,
                         grid=grid if prefix is not None else None, prefix_tokens=prefix, suffix_tokens=0,
                         rotary=False, output_layout="bhnd", vision=vision and prefix is not None)
-        sites.append(TorchSite(f"attn_{len(sites)}", info, q, k, v, bias, output, folded))
+        sites.append(TorchSite(f"attn_{len(sites)}", info, q, k, v, bias, output, folded, _is_bool(bias)))
     return sites, rejected
+
+
+def _is_bool(node) -> bool:
+    return node is not None and getattr(node.meta.get("val"), "dtype", None) == torch.bool
 
 
 def patch_grid(gm: torch.fx.GraphModule) -> tuple[int, int] | None:
@@ -164,8 +172,6 @@ def _from_sdpa(node):
     scale = node.kwargs.get("scale", None)
     if causal:
         return "causal attention (is_causal=True): the passes here are for bidirectional attention"
-    if mask is not None and getattr(mask.meta.get("val"), "dtype", None) == torch.bool:
-        return "a boolean attn_mask: pass an additive float mask"
     if node.kwargs.get("enable_gqa"):
         return "grouped-query attention (enable_gqa)"
     d = _shape(q)[-1] if _shape(q) else 0
@@ -240,7 +246,7 @@ def _has_matmul(node) -> bool:
 
 
 def _single_user(node):
-    users = list(node.users)
+    users = [u for u in node.users if not (u.op == "call_function" and u.target in CHECKS)]
     return users[0] if len(users) == 1 else None
 
 

@@ -273,3 +273,23 @@ class QuantAttention(nn.Module):
             p_int = torch.clamp(_round(p / (p_max / levels)), 0, levels)
             out = (p_int @ v_int) * (s["v"] / levels) * p_max
         return out + v_mean if v_mean is not None else out
+
+
+def additive_mask(mask):
+    """A boolean attention mask (True: attend) as the additive bias the variants take (numpy or torch)."""
+    if isinstance(mask, np.ndarray):
+        return np.where(mask, np.float32(0), masked_value(np.float32)).astype(np.float32)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, masked_value(np.float32))
+
+
+class BoolMask(nn.Module):
+    """A variant module at a site whose bias is a boolean mask (transformers' SDPA path)."""
+
+    def __init__(self, variant: nn.Module):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, q, k, v, bias=None):
+        if bias is not None and bias.dtype == torch.bool:
+            bias = additive_mask(bias)
+        return self.variant(q, k, v, bias)
