@@ -41,6 +41,9 @@ PRESETS: dict[str, dict] = {
     "vit_b16_1024": dict(depth=12, dim=768, heads=12, img=1024),
     # transformers' ViTModel (eager attention), exported as users export it: not a graph we wrote
     "hf_vit_b16_1024": dict(depth=12, dim=768, heads=12, img=1024, arch="hf"),
+    # the same at 512 px (32×32 grid + CLS = 1025 tokens): a quarter of the tokens, for searches that
+    # run the model once per site and candidate
+    "hf_vit_b16_512": dict(depth=12, dim=768, heads=12, img=512, arch="hf"),
 }
 
 

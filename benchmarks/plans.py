@@ -5,6 +5,7 @@ audited on another.
     python benchmarks/plans.py                         # digits ViT and MiniLM (~10 min on 2 cores)
     python benchmarks/plans.py --only digits
     python benchmarks/plans.py --only vitb             # transformers ViT-B/16 @ 1024² (random weights, photos)
+    python benchmarks/plans.py --only vitb512          # the same at 512², windows 8×8 and 16×16
 
 Per model and pass: `--fallback` at the budget with `--fallback-order local` (the old order) and with
 the default leave-one-in order; sites kept rewritten, calibration and held-out drift. Then `--pass
@@ -37,8 +38,10 @@ MODELS = {
     "minilm": {"budget": "sentence_embedding:cosine>=0.99", "metric_output": "sentence_embedding",
                "passes": ["window:size=8", "window:size=16", "neighborhood:kernel=9", "neighborhood:kernel=17",
                           "int8", "linear:local=8"]},
-    # each full run of this model takes seconds on 2 cores: two passes keep the benchmark under ~25 min
+    # each full run of this model takes seconds on 2 cores: two passes keep the benchmark under ~50 min
     "vitb": {"budget": "cosine>=0.99", "metric_output": None, "passes": ["window:size=8x8", "int8"]},
+    # 1025 tokens, two window sizes: passes of different reach, so a per-site mix can beat either alone
+    "vitb512": {"budget": "cosine>=0.99", "metric_output": None, "passes": ["window:size=8x8", "window:size=16x16"]},
 }
 
 
@@ -54,13 +57,14 @@ def prepare(name: str, out: Path) -> tuple[Path, Path, Path]:
     from models import preset
     from quant_speed import photo_calibration
 
-    model = preset("hf_vit_b16_1024", out)
-    calib = photo_calibration(out / "astronaut_1024.npz", 1024)
-    held = out / "coffee_1024.npz"
+    img = 512 if name == "vitb512" else 1024
+    model = preset(f"hf_vit_b16_{img}", out)
+    calib = photo_calibration(out / f"astronaut_{img}.npz", img)
+    held = out / f"coffee_{img}.npz"
     if not held.exists():
         from skimage import data, transform
 
-        photo = transform.resize(data.coffee(), (1024, 1024), anti_aliasing=True).astype(np.float32)
+        photo = transform.resize(data.coffee(), (img, img), anti_aliasing=True).astype(np.float32)
         np.savez(held, pixel_values=((photo - 0.5) / 0.5).transpose(2, 0, 1)[None])
     return model, calib, held
 
