@@ -5,7 +5,7 @@ audited on another.
     python benchmarks/plans.py                         # digits ViT and MiniLM (~10 min on 2 cores)
     python benchmarks/plans.py --only digits
     python benchmarks/plans.py --only vitb             # transformers ViT-B/16 @ 1024² (random weights, photos)
-    python benchmarks/plans.py --only vitb512          # the same at 512², windows 8×8 and 16×16
+    python benchmarks/plans.py --only vitb512          # the same at 512², windows 4×4, 8×8 and 16×16
 
 Per model and pass: `--fallback` at the budget with `--fallback-order local` (the old order) and with
 the default leave-one-in order; sites kept rewritten, calibration and held-out drift. Then `--pass
@@ -41,8 +41,9 @@ MODELS = {
                           "int8", "linear:local=8"]},
     # each full run of this model takes seconds on 2 cores: two passes keep the benchmark under ~50 min
     "vitb": {"budget": "cosine>=0.99", "metric_output": None, "passes": ["window:size=8x8", "int8"]},
-    # 1025 tokens, two window sizes: passes of different reach, so a per-site mix can beat either alone
-    "vitb512": {"budget": "cosine>=0.99", "metric_output": None, "passes": ["window:size=8x8", "window:size=16x16"]},
+    # 1025 tokens, three window sizes: passes of different reach, so a per-site mix can beat each alone
+    "vitb512": {"budget": "cosine>=0.99", "metric_output": None,
+                "passes": ["window:size=4x4", "window:size=8x8", "window:size=16x16"]},
 }
 
 
