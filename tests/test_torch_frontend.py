@@ -202,6 +202,7 @@ def test_flex_block_masks_equal_the_dense_mask(spec, bias_shape):
     with torch.no_grad():
         assert flex.uses_flex(q) and not dense.uses_flex(q)
         assert (flex(q, k, v, bias) - dense(q, k, v, bias)).abs().max() < 1e-5
+    assert not flex.uses_flex(q, k.clone().requires_grad_(True)), "any input that needs a gradient"
     q.requires_grad_(True)
     assert not flex.uses_flex(q), "no FlexAttention backward on the CPU: training takes the dense path"
     flex(q, k, v, bias).sum().backward()

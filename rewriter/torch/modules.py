@@ -70,7 +70,7 @@ class MaskedAttention(nn.Module):
     def forward(self, q, k, v, bias=None):
         if bias is not None:
             bias = torch.clamp(bias, min=bias_floor(np.float32))
-        if self.uses_flex(q):
+        if self.uses_flex(q, k, v):
             return self._flex(q, k, v, bias)
         additive = self.mask if bias is None else self.mask + bias
         if self.zero_keys is None:
@@ -80,11 +80,11 @@ class MaskedAttention(nn.Module):
         e = torch.exp(logits - top)
         return (e @ v) / (e.sum(-1, keepdim=True) + self.zero_keys[:, None] * torch.exp(-top))
 
-    def uses_flex(self, q) -> bool:
-        """Whether this call runs FlexAttention (see the class docstring for when it cannot)."""
+    def uses_flex(self, q, *others) -> bool:
+        """Whether a call on these inputs runs FlexAttention (see the class docstring for when it cannot)."""
         if self.backend == "dense" or self.zero_keys is not None or torch.compiler.is_exporting():
             return False
-        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, *others)):
             return False
         return self.backend == "flex" or q.device.type == "cuda"
 
