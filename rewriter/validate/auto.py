@@ -179,7 +179,10 @@ class Superposition:
         change = {n: (np.asarray(outputs[n], np.float64) - self.original[n]).astype(np.float32) for n in self.names
                   if np.issubdtype(np.asarray(outputs[n]).dtype, np.floating)}
         self.bytes += sum(c.nbytes for c in change.values())
-        self.changes = None if self.bytes > SUPERPOSE_BYTES else {**self.changes, (site_id, index): change}
+        if self.bytes > SUPERPOSE_BYTES:
+            self.changes = None
+        else:
+            self.changes[site_id, index] = change
 
     def drift(self, live: list[SitePlan]) -> float:
         chosen = [(p.site.id, p.choice) for p in live if p.choice]
