@@ -78,8 +78,8 @@ def held_out_cosine(model: Path, target: Path, held: Path, output: str | None) -
     return min(values) if values else None
 
 
-def model_rows(name: str, out: Path, repeats: int) -> list[dict]:
-    cfg = MODELS[name]
+def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = None) -> list[dict]:
+    cfg = {**MODELS[name], **({"passes": passes} if passes else {})}
     model, calib, held = prepare(name, out)
     rows = []
 
@@ -170,11 +170,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "plans")
     ap.add_argument("--only", choices=tuple(MODELS), action="append")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--pass", dest="passes", action="append", metavar="SPEC",
+                    help="the single passes (and auto's candidates) instead of the model's list (repeatable)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or ("digits", "minilm"):
-        rows += model_rows(name, args.out, args.repeats)
+        rows += model_rows(name, args.out, args.repeats, args.passes)
     print_table(rows)
     (args.out / "plans.json").write_text(json.dumps(rows, indent=2))
     plot(rows, args.out / "plans.png")
