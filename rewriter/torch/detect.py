@@ -3,7 +3,8 @@
 
 Q/K/V are [B, heads, tokens, dim], or [B·heads, tokens, dim] as `nn.MultiheadAttention` computes them
 when it returns its weights (`need_weights=True`, the default): such a site is seen as one head per
-batch entry (`folded_heads`), which every pass but the per-head fitted ones handles as is (fitted maps are then shared by the heads).
+batch entry (`folded_heads`), which every pass handles as is; what a pass fits per head (linear maps,
+the hybrid's γ) is then shared by the folded heads.
 
 Shapes come from the fake tensors `torch.export` leaves in `node.meta["val"]`. The token grid comes
 from the patch embedding: a conv whose stride equals its kernel (ViT, DeiT, DINOv2); the tokens in
