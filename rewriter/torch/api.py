@@ -220,11 +220,11 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
             if isinstance(plan, str):
                 outcomes.append({"id": site.id, "status": "skipped", "reason": plan})
                 continue
-        module = _module(spec, site, plan, attention)
-        if site.folded_heads:
-            module = V.FoldedHeads(module)
-        if site.bool_mask:
-            module = V.BoolMask(module)
+        variant = _module(spec, site, plan, attention)
+        with torch.no_grad():  # local drift on the activations as the pass saw them (4-D, additive bias)
+            got = variant(*(torch.as_tensor(a[r]) for r in ("q", "k", "v", "bias") if r in a)).numpy()
+        module = V.FoldedHeads(variant) if site.folded_heads else variant
+        module = V.BoolMask(module) if site.bool_mask else module
         name = f"attnrewrite_{site.id}_{spec.name}"
         gm.add_submodule(name, module)
         args = (site.q_node, site.k_node, site.v_node) + ((site.bias_node,) if site.bias_node is not None else ())
@@ -233,10 +233,6 @@ def _apply(gm: torch.fx.GraphModule, spec, batches, only, attention: str = "auto
         site.output_node.replace_all_uses_with(new)
         new.meta["val"] = site.output_node.meta.get("val")
         swaps[site.id] = (site.output_node, new)
-        with torch.no_grad():
-            got = module(*(torch.as_tensor(a[r][:, 0] if site.folded_heads else a[r])
-                           for r in ("q", "k", "v", "bias") if r in a)).numpy()
-        got = got[:, None] if site.folded_heads else got
         outcomes.append({"id": site.id, "status": "rewritten", "reason": None,
                          "local": M.site_metrics(a["output"], got), "plan": plan.summary() or None})
     gm.recompile()

@@ -62,7 +62,6 @@ class MaskedAttention(nn.Module):
             raise ValueError(f"{backend=} must be one of {BACKENDS}")
         self.scale, self.backend = scale, backend
         self.register_buffer("mask", torch.as_tensor(np.where(allowed, 0.0, masked_value(np.float32)), dtype=torch.float32))
-        self.register_buffer("allowed", torch.as_tensor(np.asarray(allowed, bool)), persistent=False)
         counts = None if zero_keys is None or not np.any(zero_keys) else torch.tensor(np.array(zero_keys, np.float32))
         self.register_buffer("zero_keys", counts)
         self._block_masks: dict = {}
@@ -94,7 +93,7 @@ class MaskedAttention(nn.Module):
 
         key = str(device)
         if key not in self._block_masks:
-            allowed = self.allowed.to(device)
+            allowed = (self.mask == 0).to(device)  # the mask is 0 exactly where a key is allowed
             n = allowed.shape[-1]
             if allowed.dim() == 3:  # one mask per head (paro's per-head tables)
                 mask_mod, heads = (lambda b, h, qi, ki: allowed[h, qi, ki]), allowed.shape[0]
