@@ -4,6 +4,7 @@ audited on another.
 
     python benchmarks/plans.py                         # digits ViT and MiniLM (~10 min on 2 cores)
     python benchmarks/plans.py --only digits
+    python benchmarks/plans.py --only digits16         # the digits ViT at patch 2, depth 8: 257 tokens (~15 min)
     python benchmarks/plans.py --only vitb             # transformers ViT-B/16 @ 1024² (random weights, photos)
     python benchmarks/plans.py --only vitb512          # the same at 512², windows 4×4, 8×8 and 16×16
 
@@ -11,7 +12,7 @@ Per model and pass: `--fallback` at the budget with `--fallback-order local` (th
 the default leave-one-in order; sites kept rewritten, calibration and held-out drift. Then `--pass
 auto:candidates=<the same passes>` at the same budget (predicted vs measured drift). Every written
 model is timed end to end beside the original (the pair interleaved in one process, one pair at a time
-to bound memory; the original's row is the median of its pair timings), on one held-out input; the
+to bound memory; the original's row is the median of its pair timings), on one held-out input (batch 1, the shape auto times sites at); the
 "best single-pass plan" is the fastest fallback plan that meets the budget on calibration. Prints one
 table per model and writes `plans.json` and `plans.png` (held-out cosine against end-to-end speed-up).
 """
@@ -39,6 +40,11 @@ MODELS = {
     "minilm": {"budget": "sentence_embedding:cosine>=0.99", "metric_output": "sentence_embedding",
                "passes": ["window:size=8", "window:size=16", "neighborhood:kernel=9", "neighborhood:kernel=17",
                           "int8", "linear:local=8"]},
+    # the same recipe at patch 2 and depth 8: 16×16 + CLS = 257 tokens (attention is most of a dim-64
+    # model's work) and eight sites; windows of three shapes, so that sites can disagree about the best one
+    "digits16": {"budget": "cosine>=0.99", "metric_output": "logits",
+                 "passes": ["window:size=4x4", "window:size=8x8", "window:size=4x16", "neighborhood:kernel=5",
+                            "neighborhood:kernel=9", "int8", "linear", "linear:local=4x4"]},
     # each full run of this model takes seconds on 2 cores: two passes keep the benchmark under ~50 min
     "vitb": {"budget": "cosine>=0.99", "metric_output": None, "passes": ["window:size=8x8", "int8"]},
     # 1025 tokens, three window sizes: passes of different reach, so a per-site mix can beat each alone
@@ -49,10 +55,11 @@ MODELS = {
 
 def prepare(name: str, out: Path) -> tuple[Path, Path, Path]:
     """(model, calibration .npz, held-out .npz) for one model."""
-    if name == "digits":
+    if name in ("digits", "digits16"):
         from digits_vit import train_digits_vit
 
-        p = train_digits_vit(out / "digits", epochs=12, seed=0)["paths"]
+        shape = {"patch": 2, "depth": 8} if name == "digits16" else {}
+        p = train_digits_vit(out / name, epochs=12, seed=0, **shape)["paths"]
         return Path(p["model"]), Path(p["calib"]), Path(p["data"])
     if name == "minilm":
         return export_minilm(out)

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMG, PATCH = 32, 4
-GRID = IMG // PATCH  # 8×8 patch tokens + CLS = 65 tokens
+IMG, PATCH = 32, 4  # 8×8 patch tokens + CLS = 65 tokens; patch 2 gives 16×16 + CLS = 257
 CALIB_SAMPLES = 64
 
 
@@ -98,11 +97,12 @@ class Block(nn.Module):
 class DigitsViT(nn.Module):
     """4 blocks, dim 64, 4 heads on a 1-channel 32×32 image; classifies from the CLS token."""
 
-    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2, classes: int = 10):
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2, classes: int = 10,
+                 patch: int = PATCH):
         super().__init__()
-        self.patch_embed = nn.Conv2d(1, dim, PATCH, PATCH)
+        self.patch_embed = nn.Conv2d(1, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, dim), sincos_2d(GRID, dim)])[None])
+        self.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, dim), sincos_2d(IMG // patch, dim)])[None])
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
@@ -125,12 +125,14 @@ def export_onnx(model: nn.Module, path: str | Path, example: np.ndarray) -> Path
 
 
 def train_digits_vit(out_dir: str | Path, epochs: int = 12, seed: int = 0, *, threads: int = 2,
-                     batch_size: int = 16, lr: float = 2e-3, shift: int = 2) -> dict:
+                     batch_size: int = 16, lr: float = 2e-3, shift: int = 2, patch: int = PATCH, depth: int = 4) -> dict:
     """Train, export `digits_vit.onnx`, and save `data.npz`/`labels.npy` (held-out) and `calib.npz` (training).
 
     Returns {"paths": {"model", "data", "labels", "calib"}, "accuracy": held-out top-1 of the torch model,
     "train_seconds", "epochs", "module": the trained model (eval mode)}. `shift` is the random
-    translation (pixels, whole batch) used as augmentation; `threads` is restored afterwards.
+    translation (pixels, whole batch) used as augmentation; `threads` is restored afterwards. `patch` 2
+    gives a 16×16 token grid: the same data with four times the tokens, where attention is most of the work;
+    `depth` is the number of blocks (attention sites).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ def train_digits_vit(out_dir: str | Path, epochs: int = 12, seed: int = 0, *, th
     try:
         torch.manual_seed(seed)
         x_tr, x_te, y_tr, y_te = load_digits_split(seed)
-        model = DigitsViT()
+        model = DigitsViT(depth=depth, patch=patch)
         start = time.perf_counter()
         _fit(model, torch.tensor(x_tr), torch.tensor(y_tr), epochs, batch_size, lr, shift, np.random.default_rng(seed))
         train_seconds = time.perf_counter() - start

@@ -161,3 +161,15 @@ def test_superposition_falls_back_to_the_sum_when_changes_are_too_large(monkeypa
     predictor.add("attn_0", 1, {"y": y * 1.5})
     assert predictor.kind == "sum of leave-one-in drifts"
     assert predictor.drift(_plans(1, 1)) == pytest.approx(0.02)
+
+
+def test_default_candidates_span_every_family():
+    """The issue's default: every spatial, linear and quantised variant at a few sizes; each a valid --pass."""
+    from attnrewrite.validate.auto import candidates_of
+
+    specs = candidates_of("auto")
+    names = {s.name for s in specs}
+    assert {"window", "neighborhood", "int8", "linear"} <= names
+    linear = [s.text for s in specs if s.name == "linear"]
+    assert "linear" in linear and any("local=" in t for t in linear)  # plain kernel attention and the hybrid
+    assert len({s.text for s in specs}) == len(specs)
