@@ -73,6 +73,23 @@ def test_vision_site_without_grid_is_never_a_text_sequence(capsys, exported, tmp
     assert {"attn_0", "attn_2"} <= set(p["rewritten"])
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS_SEEN)
+def test_audio_tokens_from_a_conv1d_are_a_sequence(capsys, exported, exporter, tmp_path):
+    """Whisper's encoder makes its tokens with Conv1d over mel frames: the one conv axis is the token
+    axis, so 1-D passes apply (no layout=sequence needed); a window over every token is exact."""
+    exp = exported("hf_whisper_encoder", exporter)
+    rc, stdout, _ = run(capsys, "inspect", exp.path, "--json")
+    assert [(s["vision"], s["grid"]) for s in json.loads(stdout)["sites"]] == [(False, None)] * 2
+    tokens = exp.meta.sites[0].q_len
+    p, _ = _rewrite(capsys, exp.path, tmp_path, f"window:size={tokens}")
+    assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
+    assert all(m["max_abs"] <= 1e-5 for m in p["metrics_vs_original"].values()), p["metrics_vs_original"]
+    for spec in ("window:size=8", "neighborhood:kernel=5"):
+        p, _ = _rewrite(capsys, exp.path, tmp_path, spec)
+        assert p["rewritten"] == ["attn_0", "attn_1"], (spec, p["sites"])
+        assert max(m["rel_l2"] for m in p["metrics_vs_original"].values()) > 1e-4, spec  # a real restriction
+
+
 @pytest.mark.parametrize("name", ["hf_vitdet", "hf_sam_vision"])
 def test_vitdet_global_layers_are_global(capsys, exported, name, tmp_path):
     """The global layer after a windowed one takes a window pass; the windowed one keeps its 4x4."""

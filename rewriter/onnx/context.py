@@ -253,8 +253,12 @@ class Embedding:
 
 
 def find_embedding(value: ir.Value, limit: int = 50_000) -> Embedding | None:
-    """The nearest patch embedding above `value`, else the nearest convolution of any kind (tokens
-    made from a feature map: their order is spatial even when no grid can be read), else None."""
+    """The nearest patch embedding above `value`, else the nearest convolution over two or more
+    spatial axes (tokens made from a feature map: their order is spatial even when no grid can be
+    read), else None.
+
+    A 1-D convolution (Whisper's and wav2vec2's audio front ends, a Conv1d positional embedding) is
+    not a feature map: its one axis is the token axis, so its tokens are a sequence, in order."""
     other = None
     for node in _ancestors(value, limit, stop_at_softmax=False):
         if node.op_type not in ("Conv", "ConvTranspose"):
@@ -264,8 +268,18 @@ def find_embedding(value: ir.Value, limit: int = 50_000) -> Embedding | None:
         if node.op_type == "Conv" and _is_patchify(node) and out is not None and len(out) in (4, 5) \
                 and None not in out[2:]:
             return Embedding(tuple(out[2:]), batch)
-        other = other or Embedding(None, batch)
+        if _spatial_rank(node) != 1:
+            other = other or Embedding(None, batch)
     return other
+
+
+def _spatial_rank(node: ir.Node) -> int | None:
+    """Spatial axes of a convolution, from its output or weight rank (None when neither is known)."""
+    for value in (node.outputs[0], node.inputs[1] if len(node.inputs) > 1 else None):
+        shape = dims(value) if value is not None else None
+        if shape is not None:
+            return len(shape) - 2
+    return None
 
 
 def _is_patchify(node: ir.Node) -> bool:
