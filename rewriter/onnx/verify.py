@@ -135,7 +135,7 @@ def _bypass_fake_quant(proto) -> int:
 def _compare(site: AttentionSite, results: dict[str, np.ndarray]) -> str | None:
     # the first two instances are enough to catch a misreading and keep big models cheap
     q, k, v = (_head(results[x.name]) for x in (site.q, site.k, site.v))
-    bias = _head(results[site.bias.name]) if site.bias is not None else None
+    bias = _bias_head(results[site.bias.name], q.ndim) if site.bias is not None else None
     try:
         expected = reference_attention(q, k, v, site.scale, bias)
         actual = _head(output_as_bhnd(site.output_layout, site.num_heads, results[site.output.name])).astype(np.float32)
@@ -157,6 +157,12 @@ def _compare(site: AttentionSite, results: dict[str, np.ndarray]) -> str | None:
 
 def _head(x: np.ndarray, count: int = 2) -> np.ndarray:
     return x[:count] if x.ndim >= 3 and x.shape[0] > count else x
+
+
+def _bias_head(bias: np.ndarray, rank: int, count: int = 2) -> np.ndarray:
+    """The bias rows of the instances `_head` kept. A bias broadcasts from the right, so only one of the
+    scores' full rank has the batch in front: LeViT's [heads, q, k] table must not be cut to 2 heads."""
+    return _head(bias, count) if bias.ndim == rank else bias
 
 
 def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int) -> dict[str, np.ndarray]:

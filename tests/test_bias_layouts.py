@@ -1,0 +1,45 @@
+"""Additive biases in the layouts real models add them: LeViT's `attention_biases[:, idxs]` is a
+[heads, q, k] table with no batch axis, broadcast from the right against [B, heads, q, k] scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the model needs torch (pip install -e '.[torch]')")
+
+from tests.test_cli_pipeline import run  # noqa: E402
+
+
+class HeadTableBias(torch.nn.Module):
+    """One attention block whose bias is a [heads, N, N] parameter (four heads: more than the two
+    instances detection's numerical check keeps, which is where a batch-first reading went wrong)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, tokens: int = 16):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5 + self.bias
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_a_head_table_bias_without_batch_axis_is_found_and_kept(capsys, tmp_path):
+    torch.manual_seed(0)
+    model, x = HeadTableBias().eval(), torch.randn(3, 16, 32)
+    path = tmp_path / "levit_like.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    rc, stdout, err = run(capsys, "inspect", path, "--json")
+    doc = json.loads(stdout)
+    assert rc == 0 and doc["rejected"] == [], (err, doc["rejected"])
+    assert [(s["num_heads"], s["bias"]) for s in doc["sites"]] == [(4, "constant")]
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    rc, stdout, err = run(capsys, path, "--pass", "sdpa", "--calib", tmp_path / "calib.npz", "-o",
+                          tmp_path / "out.onnx", "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["passes"][0]["metrics_vs_original"]["y"]["max_abs"] <= 1e-5
