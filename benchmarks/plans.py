@@ -12,9 +12,10 @@ Per model and pass: `--fallback` at the budget with `--fallback-order local` (th
 the default leave-one-in order; sites kept rewritten, calibration and held-out drift. Then `--pass
 auto:candidates=<the same passes>` at the same budget (predicted vs measured drift). Every written
 model is timed end to end beside the original (the pair interleaved in one process, one pair at a time
-to bound memory; the original's row is the median of its pair timings), on one held-out input (batch 1, the shape auto times sites at); the
-"best single-pass plan" is the fastest fallback plan that meets the budget on calibration. Prints one
-table per model and writes `plans.json` and `plans.png` (held-out cosine against end-to-end speed-up).
+to bound memory; the original's row is the median of its pair timings), on one held-out input (batch 1,
+the shape auto times sites at); the "best single-pass plan" is the fastest fallback plan that meets the
+budget on calibration. Prints one table per model and writes `plans.json` and `plans.png` (held-out
+cosine against end-to-end speed-up).
 """
 
 from __future__ import annotations

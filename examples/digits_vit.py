@@ -125,7 +125,8 @@ def export_onnx(model: nn.Module, path: str | Path, example: np.ndarray) -> Path
 
 
 def train_digits_vit(out_dir: str | Path, epochs: int = 12, seed: int = 0, *, threads: int = 2,
-                     batch_size: int = 16, lr: float = 2e-3, shift: int = 2, patch: int = PATCH, depth: int = 4) -> dict:
+                     batch_size: int = 16, lr: float = 2e-3, shift: int = 2, patch: int = PATCH,
+                     depth: int = 4) -> dict:
     """Train, export `digits_vit.onnx`, and save `data.npz`/`labels.npy` (held-out) and `calib.npz` (training).
 
     Returns {"paths": {"model", "data", "labels", "calib"}, "accuracy": held-out top-1 of the torch model,
