@@ -53,7 +53,7 @@ Q_ZERO_POINT = 64
 
 def granularity(text: str) -> str:
     """`tensor`, `head`, `token` or `block:B` (B tokens per group)."""
-    if text in ("tensor", "head", "token"):
+    if text in GROUP_AXES:
         return text
     kind, _, size = text.partition(":")
     if kind == "block" and size.isdigit() and int(size) > 0:
@@ -65,18 +65,19 @@ def block_size(gran: str) -> int | None:
     return int(gran.split(":")[1]) if gran.startswith("block:") else None
 
 
+#: axes of a `[B, h, N, d]` operand that one scale covers, per granularity (block:B is the fourth kind);
+#: the numpy reference, the ONNX emission and the torch module all reduce over these
+GROUP_AXES = {"tensor": (0, 1, 2, 3), "head": (0, 2, 3), "token": (3,)}
+
+
 # --- the math, defined once (numpy); the ONNX emission below is tested against it -------------
 
 
 def group_absmax(x: np.ndarray, gran: str) -> np.ndarray:
     """max |x| per group, broadcastable to `x` `[B, h, N, d]` (block groups are repeated per token)."""
     a = np.abs(x.astype(np.float32))
-    if gran == "tensor":
-        return a.max(axis=(0, 1, 2, 3), keepdims=True)
-    if gran == "head":
-        return a.max(axis=(0, 2, 3), keepdims=True)
-    if gran == "token":
-        return a.max(axis=3, keepdims=True)
+    if gran in GROUP_AXES:
+        return a.max(axis=GROUP_AXES[gran], keepdims=True)
     size = block_size(gran)
     b, h, n, _ = a.shape
     nb = math.ceil(n / size)
@@ -177,12 +178,8 @@ def quant_attention_reference(q, k, v, *, scale: float, cfg: QuantConfig, bias=N
 def emit_absmax(t: ir_tape.Tape, graph: ir.Graph, x: ir.Value, gran: str, tokens: int | None) -> ir.Value:
     """max |x| per group of a `[B, h, N, d]` value, shaped to broadcast against it."""
     a = t.op("Abs", [x])
-    if gran == "tensor":
-        return reduce(t, graph, "ReduceMax", a, [0, 1, 2, 3])
-    if gran == "head":
-        return reduce(t, graph, "ReduceMax", a, [0, 2, 3])
-    if gran == "token":
-        return reduce(t, graph, "ReduceMax", a, [3])
+    if gran in GROUP_AXES:
+        return reduce(t, graph, "ReduceMax", a, list(GROUP_AXES[gran]))
     size = block_size(gran)
     nb = math.ceil(tokens / size)
     if nb * size != tokens:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnrewrite.passes.linear_fit import hedgehog_torch
+from attnrewrite.passes.quantize import GROUP_AXES, block_size
 from attnrewrite.passes.spatial.tables import bias_floor, masked_value
 
 
@@ -201,13 +202,9 @@ def _round(x):
 def _group_absmax(x, gran: str):
     """`quantize.group_absmax` in torch: max |x| per tensor, head, token or block of tokens."""
     a = x.abs()
-    if gran == "tensor":
-        return a.amax(dim=(0, 1, 2, 3), keepdim=True)
-    if gran == "head":
-        return a.amax(dim=(0, 2, 3), keepdim=True)
-    if gran == "token":
-        return a.amax(dim=3, keepdim=True)
-    size = int(gran.split(":")[1])
+    if gran in GROUP_AXES:
+        return a.amax(dim=GROUP_AXES[gran], keepdim=True)
+    size = block_size(gran)
     b, h, n, d = a.shape
     nb = -(-n // size)
     padded = F.pad(a, (0, 0, 0, nb * size - n))
