@@ -173,3 +173,86 @@ def test_default_candidates_span_every_family():
     linear = [s.text for s in specs if s.name == "linear"]
     assert "linear" in linear and any("local=" in t for t in linear)  # plain kernel attention and the hybrid
     assert len({s.text for s in specs}) == len(specs)
+
+
+class _SumOfDrifts:
+    """The additive predictor, under which the best plan is a plain multiple-choice knapsack."""
+
+    def drift(self, live):
+        return sum(p.options[p.choice].drift for p in live)
+
+
+def _menu(table, original_ms):
+    """SitePlans from [(ms, drift), ...] per site; option 0 is the original (its ms, no drift)."""
+    from attnrewrite.validate.auto import Option, SitePlan
+
+    class Site:
+        def __init__(self, i):
+            self.id = f"attn_{i}"
+
+    return [SitePlan(Site(i), [Option(None, ms=original_ms)] + [Option(None, ms=m, drift=d) for m, d in row])
+            for i, row in enumerate(table)]
+
+
+def _brute_force(live, cap):
+    """Fewest total ms over every assignment whose summed drift is within `cap` (options worth their drift)."""
+    import itertools
+
+    from attnrewrite.validate.auto import MIN_GAIN
+
+    menus = [[o for i, o in enumerate(p.options) if i == 0 or o.ms < MIN_GAIN * p.options[0].ms] for p in live]
+    return min(sum(o.ms for o in combo) for combo in itertools.product(*menus) if sum(o.drift for o in combo) <= cap)
+
+
+def test_search_finds_the_mixed_plan_greedy_stepping_missed():
+    """Measured on the digits ViT at 1025 tokens (ms, leave-one-in drift; softmax 3.263 ms): greedy
+    stepping from the fastest option kept attn_1 on softmax; the best plan buys attn_1 a 17×17
+    neighbourhood by putting 8×8 windows (not 4×4) on attn_2-3."""
+    from attnrewrite.validate import auto
+
+    ms = (0.546, 0.590, 1.174, 2.837)  # window 4×4, 8×8, 16×16, neighbourhood 17×17
+    drifts = ((0.26, 0.21, 0.172, 0.15), (0.0408, 0.0241, 0.0167, 0.00648), (0.0022, 0.00155, 0.000516, 0.000354),
+              (0.00268, 0.00175, 0.000607, 0.00045), (9.42e-05, 6.26e-05, 1.25e-05, 9.56e-06))
+    table = [list(zip(ms, row)) for row in drifts]
+    greedy = _menu(table, 3.263)
+    for p in greedy:
+        p.choice = auto._fastest(p)
+    while _SumOfDrifts().drift(greedy) > 0.01 and auto._step(greedy):
+        pass
+    live = _menu(table, 3.263)
+    auto._search(live, _SumOfDrifts(), 0.01)
+    plan_ms = sum(p.options[p.choice].ms for p in live)
+    assert _SumOfDrifts().drift(live) <= 0.01
+    assert [p.options[p.choice].ms for p in live] == [3.263, 2.837, 0.590, 0.590, 0.546]
+    assert plan_ms == pytest.approx(_brute_force(live, 0.01))
+    assert plan_ms < sum(p.options[p.choice].ms for p in greedy) - 0.3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_search_is_the_knapsack_optimum_on_additive_drift(seed):
+    """On random menus the search's plan fits the budget and is at least as fast as the best plan with
+    room for the knapsack's rounding (every drift rounded up to 1/UNITS of the cap)."""
+    from attnrewrite.validate import auto
+
+    rng = np.random.default_rng(seed)
+    sites, options = 5, 3
+    table = [[(float(rng.uniform(0.2, 3.0)), float(rng.uniform(0, 0.006))) for _ in range(options)] for _ in range(sites)]
+    live = _menu(table, 3.0)
+    auto._search(live, _SumOfDrifts(), 0.01)
+    assert _SumOfDrifts().drift(live) <= 0.01
+    slack = 0.01 * (1 - sites / auto.UNITS)
+    assert sum(p.options[p.choice].ms for p in live) <= _brute_force(live, slack) + 1e-9
+
+
+def test_search_obeys_a_predictor_stricter_than_the_sum():
+    """Changes that line up cost more than their sum: the plan must pass the predictor, not the sum."""
+    from attnrewrite.validate import auto
+
+    class Coherent:
+        def drift(self, live):  # two aligned changes: norms add, so drift grows with the square of the count
+            d = [p.options[p.choice].drift for p in live if p.choice]
+            return len(d) * sum(d)
+
+    live = _menu([[(0.5, 0.004)]] * 4, 3.0)  # the sum allows two sites; the predictor only one
+    auto._search(live, Coherent(), 0.01)
+    assert Coherent().drift(live) <= 0.01 and sum(p.choice for p in live) == 1

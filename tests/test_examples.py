@@ -96,6 +96,42 @@ def test_evaluate_onnx_agrees_with_torch_accuracy(digits):
 TINY = dict(depth=1, dim=64, heads=4, img=64)
 
 
+def test_digits_fused_training_path_is_the_exported_math():
+    dv = _load("examples/digits_vit.py")
+    torch.manual_seed(0)
+    model = dv.DigitsViT(depth=2, patch=4).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        explicit = model(x)
+        for m in model.modules():
+            if isinstance(m, dv.Attention):
+                m.fused_attn = True
+        fused = model(x)
+    assert torch.allclose(explicit, fused, atol=1e-5), f"SDPA path differs by {(explicit - fused).abs().max():.2e}"
+
+
+def test_digits_resize_image_resamples_the_grid_and_keeps_cls():
+    dv = _load("examples/digits_vit.py")
+    torch.manual_seed(0)
+    model = dv.DigitsViT(depth=1, patch=2)  # 16×16 grid
+    before = model.pos_embed.detach().clone()
+    model.resize_image(64)  # 32×32 grid
+    after = model.pos_embed.detach()
+    assert after.shape == (1, 1 + 32 * 32, before.shape[-1]) and model.img == 64
+    assert torch.equal(after[0, 0], before[0, 0]), "the CLS position embedding changed"
+    old = before[0, 1:].reshape(16, 16, -1)
+    new = after[0, 1:].reshape(32, 32, -1)
+    # bicubic ×2 upsampling: each new 2×2 block averages close to the old cell it came from
+    pooled = new.reshape(16, 2, 16, 2, -1).mean(dim=(1, 3))
+    assert (pooled - old).abs().max() < 0.1, f"resampled grid strays {(pooled - old).abs().max():.3f} from the old one"
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
+    same = dv.DigitsViT(depth=1, patch=2)
+    grid = same.pos_embed.detach().clone()
+    same.resize_image(32)
+    assert torch.allclose(same.pos_embed.detach(), grid, atol=1e-6), "resizing to the same side is not the identity"
+
+
 def test_build_vit_writes_external_data_that_onnxruntime_loads(tmp_path):
     bm = _load("benchmarks/models.py")
     path = bm.build_vit(tmp_path / "tiny.onnx", **TINY, seed=3)

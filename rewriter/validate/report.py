@@ -190,6 +190,7 @@ def _auto_section(auto: dict) -> Section:
             ("measured drift", fmt(auto.get("measured_drift"))),
             ("drift measured as", f"distance of {auto['metric']} from its perfect value"),
             ("search steps (on the prediction)", fmt(auto.get("search_steps"))),
+            ("relax steps (back to faster options the budget allows)", fmt(auto.get("relax_steps"))),
             ("repair steps (after measuring)", fmt(auto.get("repair_steps"))),
             ("attention time, original sites (ms)", fmt(auto.get("site_ms_original"))),
             ("attention time, plan (ms)", fmt(auto.get("site_ms_plan"))),
