@@ -256,3 +256,11 @@ def test_search_obeys_a_predictor_stricter_than_the_sum():
     live = _menu([[(0.5, 0.004)]] * 4, 3.0)  # the sum allows two sites; the predictor only one
     auto._search(live, Coherent(), 0.01)
     assert Coherent().drift(live) <= 0.01 and sum(p.choice for p in live) == 1
+
+
+def test_search_never_picks_an_option_whose_drift_is_not_a_number():
+    from attnrewrite.validate import auto
+
+    live = _menu([[(0.5, float("nan")), (1.0, 0.001)], [(0.5, float("inf"))]], 3.0)
+    auto._search(live, _SumOfDrifts(), 0.01)
+    assert [p.choice for p in live] == [2, 0]

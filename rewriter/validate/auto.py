@@ -382,9 +382,13 @@ def _knapsack(live: list[SitePlan], cap: float) -> list[int]:
 
 
 def _units(drift: float, unit: float | None) -> int:
+    """Drift in knapsack units, rounded up; more than the knapsack holds when it cannot be afforded
+    (no cap, or a drift that is not a number: a candidate whose outputs went NaN is never chosen)."""
     if drift <= 0:
         return 0
-    return UNITS + 1 if unit is None else int(np.ceil(drift / unit - 1e-9))
+    if unit is None or not np.isfinite(drift):
+        return UNITS + 1
+    return int(min(np.ceil(drift / unit - 1e-9), UNITS + 1))
 
 
 def _relax(live: list[SitePlan], predictor, allowed: float) -> bool:
