@@ -15,8 +15,9 @@ push the output the same way (their changes add coherently) or not; where the ch
 keep (`SUPERPOSE_BYTES`) the plain sum is used, and the report says which predictor ran.
 Search: choosing one option per site to minimise total ms under one drift budget is a multiple-choice
 knapsack; it is solved exactly on the leave-one-in drifts at a few caps around the budget, and the
-fastest of those plans that the predictor keeps within budget is taken (where none is, the site whose
-step to a more accurate option buys the most drift per millisecond takes it, until one is); then,
+fastest of those plans that the predictor keeps within budget is taken, or the plan of greedy stepping
+if faster (from the fastest option everywhere, while the prediction exceeds the budget the site whose
+step to a more accurate option buys the most drift per millisecond takes it); then,
 while a site can go to a faster option with the prediction still in budget, the one saving the most
 time per drift does; then the real plan is measured, and while it misses the budget (drift is not additive)
 stepping goes on. The report gives the final plan's predicted drift (made before measuring it) against
@@ -318,32 +319,33 @@ UNITS = 2000
 
 
 def _search(live: list[SitePlan], predictor, allowed: float) -> tuple[int, int]:
-    """The fastest plan the prediction keeps within budget; returns (knapsacks solved + greedy steps,
+    """The fastest plan the prediction keeps within budget; returns (plans tried + greedy steps,
     relaxations).
 
     Per site the choice trades ms against drift, and the sites share one drift budget: a
     multiple-choice knapsack, solved exactly (`_knapsack`) on the leave-one-in drifts at each cap in
     `CAPS`. Greedy stepping from the fastest option everywhere cannot find plans that give a site a
-    slower but more accurate option to afford a variant somewhere else; on the digits ViT at 1025 tokens
-    it kept attn_1 on softmax where `neighborhood:kernel=17` there, paid for by 8×8 instead of 4×4
-    windows on attn_2-3, was faster. Where no cap's plan passes the predictor the greedy stepping runs
-    from the smallest cap's plan (all-original always passes); single faster moves that still fit
-    (`_relax`) finish either way."""
-    best, best_ms, steps = None, np.inf, 0
-    for factor in CAPS:
-        selection = _knapsack(live, factor * allowed)
+    slower but more accurate option to afford a variant somewhere else (on the digits ViT at 1025
+    tokens, summing drifts, it kept attn_1 on softmax where `neighborhood:kernel=17` there, paid for by
+    8×8 instead of 4×4 windows on attn_2-3, was faster), but it is still tried: the fastest of all
+    these plans that the predictor passes is taken (all-original always passes), and single faster
+    moves that still fit (`_relax`) finish it."""
+    plans = [_knapsack(live, factor * allowed) for factor in CAPS]
+    steps = len(plans)
+    for p in live:
+        p.choice = _fastest(p)
+    while predictor.drift(live) > allowed and _step(live):
         steps += 1
+    plans.append([p.choice for p in live])
+    best, best_ms = [0] * len(live), np.inf
+    for selection in plans:
         _apply(live, selection)
         ms = sum(p.options[p.choice].ms for p in live)
         if ms < best_ms and predictor.drift(live) <= allowed:
             best, best_ms = selection, ms
-    if best is not None:
-        _apply(live, best)
-    else:
-        while predictor.drift(live) > allowed and _step(live):
-            steps += 1
+    _apply(live, best)
     relaxed = 0
-    while predictor.drift(live) <= allowed and _relax(live, predictor, allowed):
+    while _relax(live, predictor, allowed):
         relaxed += 1
     return steps, relaxed
 
