@@ -175,6 +175,10 @@ def plot(rows: list[dict], path: Path) -> None:
                                    ("auto", "*", lambda r: r["plan"] == "auto")):
             pts = [r for r in mine if test(r)]
             ax.scatter([r["speedup"] for r in pts], [r["heldout_cosine"] for r in pts], marker=marker, s=60, label=kind)
+            if "local" not in kind:  # name the plans once: the local order's points sit beside their twins
+                for r in pts:
+                    ax.annotate(r["plan"].removesuffix(" --fallback"), (r["speedup"], r["heldout_cosine"]),
+                                textcoords="offset points", xytext=(4, -10 if r["plan"] == "auto" else 4), fontsize=7)
         threshold = float(MODELS[name]["budget"].split(">=")[1])
         ax.axhline(threshold, color="grey", linestyle="--", linewidth=0.8, label="budget")
         ax.set_xlabel("end-to-end speed-up vs original (ORT CPU)")
@@ -192,7 +196,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--pass", dest="passes", action="append", metavar="SPEC",
                     help="the single passes (and auto's candidates) instead of the model's list (repeatable)")
+    ap.add_argument("--replot", type=Path, metavar="PLANS_JSON",
+                    help="redraw the table and plot of an earlier run's plans.json (beside it) without running")
     args = ap.parse_args(argv)
+    if args.replot:
+        rows = json.loads(args.replot.read_text())
+        print_table(rows)
+        plot(rows, args.replot.with_suffix(".png"))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or ("digits", "minilm"):
