@@ -15,8 +15,8 @@ push the output the same way (their changes add coherently) or not; where the ch
 keep (`SUPERPOSE_BYTES`) the plain sum is used, and the report says which predictor ran.
 Search: choosing one option per site to minimise total ms under one drift budget is a multiple-choice
 knapsack; it is solved exactly on the leave-one-in drifts at a few caps around the budget, and the
-fastest of those plans that the predictor keeps within budget is taken, or the plan of greedy stepping
-if faster (from the fastest option everywhere, while the prediction exceeds the budget the site whose
+fastest of those plans that the predictor keeps within budget is taken, or, if faster, each candidate
+alone as `--fallback` keeps it, or the plan of greedy stepping (from the fastest option everywhere, while the prediction exceeds the budget the site whose
 step to a more accurate option buys the most drift per millisecond takes it); then,
 while a site can go to a faster option with the prediction still in budget, the one saving the most
 time per drift does; then the real plan is measured, and while it misses the budget (drift is not additive)
@@ -77,6 +77,7 @@ class Option:
     """One way to run a site: a candidate's rewrite (or the original, `spec` None)."""
 
     spec: PassSpec | None
+    candidate: int = -1  # which of auto's candidates (-1: the original)
     value: ir.Value | None = None
     plan: object = None
     ms: float = 0.0
@@ -229,7 +230,7 @@ def _add_candidate(pipeline, model, spec: PassSpec, index: int, plans: dict[str,
     for site_id, reason in declined:
         plans[site_id].skipped[spec.label()] = reason
     for r in write_beside(model, spec, fitted, tag=f"auto{index}"):
-        plans[r.site.id].options.append(Option(spec, r.value, r.plan))
+        plans[r.site.id].options.append(Option(spec, index, r.value, r.plan))
 
 
 def _shapes(pipeline, model, sites) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -327,10 +328,12 @@ def _search(live: list[SitePlan], predictor, allowed: float) -> tuple[int, int]:
     `CAPS`. Greedy stepping from the fastest option everywhere cannot find plans that give a site a
     slower but more accurate option to afford a variant somewhere else (on the digits ViT at 1025
     tokens, summing drifts, it kept attn_1 on softmax where `neighborhood:kernel=17` there, paid for by
-    8×8 instead of 4×4 windows on attn_2-3, was faster), but it is still tried: the fastest of all
-    these plans that the predictor passes is taken (all-original always passes), and single faster
-    moves that still fit (`_relax`) finish it."""
-    plans = [_knapsack(live, factor * allowed) for factor in CAPS]
+    8×8 instead of 4×4 windows on attn_2-3, was faster), but it is still tried, and so is every
+    candidate alone as `--fallback` would keep it (`_single_candidate_plans`), so by the prediction
+    auto's plan is never slower than a single pass's: the fastest of all these plans that the predictor
+    passes is taken (all-original always passes), and single faster moves that still fit (`_relax`)
+    finish it."""
+    plans = [_knapsack(live, factor * allowed) for factor in CAPS] + _single_candidate_plans(live, predictor, allowed)
     steps = len(plans)
     for p in live:
         p.choice = _fastest(p)
@@ -348,6 +351,29 @@ def _search(live: list[SitePlan], predictor, allowed: float) -> tuple[int, int]:
     while _relax(live, predictor, allowed):
         relaxed += 1
     return steps, relaxed
+
+
+def _single_candidate_plans(live: list[SitePlan], predictor, allowed: float) -> list[list[int]]:
+    """Each candidate alone, the way `--fallback` keeps a pass: on every site where it is worth its
+    drift, the most sensitive sites back to the original until the prediction fits, then each reverted
+    site tried again, least sensitive first."""
+    plans = []
+    for candidate in sorted({o.candidate for p in live for o in p.options[1:]}):
+        for p in live:
+            p.choice = next((i for i, o in enumerate(p.options)
+                             if i and o.candidate == candidate and o.ms < MIN_GAIN * p.options[0].ms), 0)
+        reverted = []
+        for p in sorted((p for p in live if p.choice), key=lambda p: -p.options[p.choice].drift):
+            if predictor.drift(live) <= allowed:
+                break
+            reverted.append((p, p.choice))
+            p.choice = 0
+        for p, choice in reversed(reverted):
+            p.choice = choice
+            if predictor.drift(live) > allowed:
+                p.choice = 0
+        plans.append([p.choice for p in live])
+    return plans
 
 
 def _apply(live: list[SitePlan], selection: list[int]) -> None:
