@@ -43,3 +43,23 @@ def test_a_head_table_bias_without_batch_axis_is_found_and_kept(capsys, tmp_path
                           tmp_path / "out.onnx", "--json")
     assert rc == 0, err
     assert json.loads(stdout)["passes"][0]["metrics_vs_original"]["y"]["max_abs"] <= 1e-5
+
+
+@pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
+def test_deberta_folded_heads_with_a_mask_between_two_views(capsys, exported, exporter, tmp_path):
+    """DeBERTa-v2: scores [B·h, N, N] from a bmm, viewed as [B, h, N, N] for the padding mask and the
+    softmax, viewed back for the bmm with values, and a bias (c2p + p2c) computed from Q and K. Detection
+    follows both views; a window over every token reproduces the model, a shorter one restricts it, and
+    linear attention declines the query-dependent bias with the reason."""
+    from tests.test_detect_fixtures import _rewrite
+
+    exp = exported("hf_deberta_v2", exporter)
+    tokens = exp.meta.sites[0].q_len
+    p, _ = _rewrite(capsys, exp.path, tmp_path, f"window:size={tokens}")
+    assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
+    assert all(m["max_abs"] <= 1e-5 for m in p["metrics_vs_original"].values()), p["metrics_vs_original"]
+    p, _ = _rewrite(capsys, exp.path, tmp_path, "window:size=4")
+    assert p["rewritten"] == ["attn_0", "attn_1"]
+    assert max(m["rel_l2"] for m in p["metrics_vs_original"].values()) > 1e-3
+    p, _ = _rewrite(capsys, exp.path, tmp_path, "linear")
+    assert p["rewritten"] == [] and all("varies per query" in s["reason"] for s in p["sites"])

@@ -141,8 +141,10 @@ def test_metadata_is_self_consistent(built, name):
     """Grid, prefix and window agree with the token counts, and the grid has the input's aspect ratio."""
     b = built(name)
     for i, s in enumerate(b.meta.sites):
-        # cosine attention has a learned temperature; Whisper scales Q before the head split
-        scale = 1.0 if b.meta.attention_impl in ("hf_cosine", "hf_scaled_q") else s.head_dim ** -0.5
+        # cosine attention has a learned temperature; Whisper scales Q before the head split; DeBERTa
+        # divides by √d once per disentangled term (content, c2p, p2c)
+        scale = {"hf_cosine": 1.0, "hf_scaled_q": 1.0, "hf_deberta": (3 * s.head_dim) ** -0.5}.get(
+            b.meta.attention_impl, s.head_dim ** -0.5)
         assert s.num_heads > 0 and s.head_dim > 0 and np.isclose(s.scale, scale), (name, i, s)
         if s.grid is None:
             assert s.prefix_tokens is None and s.window is None, (name, i, s)

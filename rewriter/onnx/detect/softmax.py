@@ -154,7 +154,8 @@ def _find_value_matmul(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
         mm = [u for u in users if u.op_type in ("MatMul", "Einsum") and len(u.inputs) == 2 and u.inputs[0] is value]
         if mm:
             return mm[0], passed
-        nxt = [u for u in users if u.op_type in _PROBS_PASSTHROUGH or _is_nan_guard(u, value)]
+        nxt = [u for u in users if u.op_type in _PROBS_PASSTHROUGH or _is_nan_guard(u, value)
+               or _folds_heads(u, value)]
         if not nxt:
             break
         passed.append(nxt[0])
@@ -166,6 +167,16 @@ def _find_value_matmul(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
         raise Reject("softmax output is a model output (class probabilities), not applied to values")
     kinds = sorted({u.op_type for u in users})
     raise Reject(f"softmax output feeds {', '.join(kinds)}, not a MatMul with values")
+
+
+def _folds_heads(node: ir.Node, probs: ir.Value) -> bool:
+    """A Reshape of the weights that keeps their [queries, keys] axes and only merges the leading
+    ones: DeBERTa's `probs.view(-1, N, T)` before a `bmm` with [B·h, T, d] values."""
+    if node.op_type != "Reshape" or node.inputs[0] is not probs:
+        return False
+    before, after = dims(probs), dims(node.outputs[0])
+    return (before is not None and after is not None and len(after) >= 3 and before[-2:] == after[-2:]
+            and all(isinstance(d, int) for d in before[-2:]))
 
 
 def _is_nan_guard(node: ir.Node, probs: ir.Value) -> bool:
@@ -397,6 +408,8 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
     bias = zeros
     for node in chain:
         new_inputs = [mapping.get(i, i) for i in node.inputs]
+        if node.op_type == "Reshape":
+            new_inputs[1] = _static_target(graph, node) or new_inputs[1]
         attrs = {name: attr for name, attr in node.attributes.items()}
         out = add_node(graph, node.op_type, new_inputs, attrs, domain=node.domain, name="bias_replay")
         out.type = node.outputs[0].type
@@ -407,6 +420,8 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
         unsqueezed = add_node(graph, "Unsqueeze", [bias, axes_input(graph, [1])], name="bias_heads")
         unsqueezed.shape, unsqueezed.type = ir.Shape([bias.shape[0], 1, *bias.shape[1:]]), bias.type
         bias = unsqueezed
+    elif q_rank == 3 and bias.shape is not None and len(bias.shape) == 4 and bias.shape[1] != 1:
+        bias = _fold_bias_heads(graph, bias)
     if is_constant(bias, const_memo):
         arr = evaluate_constant(bias)
         if arr is not None:
@@ -417,6 +432,29 @@ def _bias_from_chain(graph, chain, qk, q4, k4, q_rank, const_memo):
             return add_constant(graph, arr.astype(np_dtype), "bias_const"), "constant"
         return bias, "constant"
     return bias, "input"
+
+
+def _static_target(graph: ir.Graph, reshape: ir.Node) -> ir.Value | None:
+    """The Reshape's target as a constant `[-1, d1, d2, ...]` when every axis but the first is static.
+    Exporters compute `view(-1, h, N, T)` targets from Shape ops of the batch-dynamic scores; replayed
+    on the bias, such a target ties the bias to tensors outside the site."""
+    out = dims(reshape.outputs[0])
+    if out is None or len(out) < 2 or not all(isinstance(d, int) for d in out[1:]):
+        return None
+    return add_constant(graph, np.array([-1, *out[1:]], np.int64), "bias_reshape_target")
+
+
+def _fold_bias_heads(graph: ir.Graph, bias: ir.Value) -> ir.Value:
+    """A [B, h, N, T] bias for scores computed as [B·h, N, T] (the chain split the heads out before a
+    mask, as DeBERTa does): back to the site's [B·h, 1, N, T]."""
+    b, h, n, t = bias.shape
+    if not all(isinstance(d, int) for d in (n, t)):
+        raise Reject("a bias whose heads were split off the folded scores needs static token counts")
+    shape = add_constant(graph, np.array([-1, 1, n, t], np.int64), "bias_fold_shape")
+    out = add_node(graph, "Reshape", [bias, shape], name="bias_fold_heads")
+    out.shape = ir.Shape([b * h if isinstance(b, int) and isinstance(h, int) else None, 1, n, t])
+    out.type = bias.type
+    return out
 
 
 def _replay_shape(node: ir.Node, inputs: list[ir.Value | None]) -> ir.Shape | None:
