@@ -13,6 +13,7 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from attnrewrite.errors import PostconditionError
+from attnrewrite.layout import heads_folded
 from attnrewrite.onnx.verify import tolerance_for
 from attnrewrite.passes.ops import bias_as_4d, const, softmax_attention
 from attnrewrite.registry import BasePass, Param, Plan, SiteDrift
@@ -37,7 +38,7 @@ class SdpaPass(BasePass):
         if fuse == "ort":
             if site.num_heads is None or site.head_dim is None:
                 return "fuse=ort needs static heads and head dim"
-            if site.output_layout == "squeeze1" and site.instances is None:
+            if heads_folded(site.output_layout) and site.instances is None:
                 return "fuse=ort needs [B, h, N, d] layout"
         return Plan(options)
 
@@ -82,7 +83,7 @@ def _unfold_heads(t: ir_tape.Tape, x: ir.Value, heads: int) -> ir.Value:
 
 def _ort_mha(t: ir_tape.Tape, site: AttentionSite) -> ir.Value:
     h, d = site.num_heads, site.head_dim
-    folded = site.output_layout == "squeeze1"
+    folded = heads_folded(site.output_layout)
     q4, k4, v4 = site.q, site.k, site.v
     if folded:
         q4, k4, v4 = (_unfold_heads(t, x, h) for x in (q4, k4, v4))

@@ -21,8 +21,9 @@ import onnx_ir as ir
 
 BiasKind = Literal["none", "constant", "input"]
 #: How the original output relates to the `[B, h, Nq, dv]` view: "bhnd" (the same), "squeeze1"
-#: (`[B·h, N, d]`, heads folded into the batch) or "merge_heads" (`[B, N, h·d]`, fused ops).
-Layout = Literal["bhnd", "squeeze1", "merge_heads", "units"]
+#: (`[B·h, N, d]`, heads folded into the batch), "folded_qk" (Q and K folded so, V and the output
+#: `[B, h, N, d]`: the dynamo exporter's form of BLOOM's `bmm`s) or "merge_heads" (`[B, N, h·d]`, fused ops).
+Layout = Literal["bhnd", "squeeze1", "folded_qk", "merge_heads", "units"]
 
 
 @dataclasses.dataclass(frozen=True)

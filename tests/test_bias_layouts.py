@@ -46,14 +46,19 @@ def test_a_head_table_bias_without_batch_axis_is_found_and_kept(capsys, tmp_path
 
 
 @pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
-def test_deberta_folded_heads_with_a_mask_between_two_views(capsys, exported, exporter, tmp_path):
-    """DeBERTa-v2: scores [B·h, N, N] from a bmm, viewed as [B, h, N, N] for the padding mask and the
-    softmax, viewed back for the bmm with values, and a bias (c2p + p2c) computed from Q and K. Detection
-    follows both views; a window over every token reproduces the model, a shorter one restricts it, and
-    linear attention declines the query-dependent bias with the reason."""
+@pytest.mark.parametrize("name", ["hf_deberta_v2", "hf_bloom"])
+def test_folded_heads_with_a_mask_between_two_views(capsys, exported, name, exporter, tmp_path):
+    """DeBERTa-v2 and BLOOM: scores [B·h, N, N] from a bmm, viewed as [B, h, N, N] for the mask and the
+    softmax, viewed back for the bmm with values (dynamo exports BLOOM's as a 4-D MatMul with V in
+    [B, h, T, d]), and a bias computed from Q and K (c2p + p2c) or from positions (ALiBi + causal).
+    Detection follows both views; a window over every token reproduces the model, a shorter one
+    restricts it, and linear attention declines the query-dependent bias with the reason."""
     from tests.test_detect_fixtures import _rewrite
 
-    exp = exported("hf_deberta_v2", exporter)
+    exp = exported(name, exporter)
+    rc, stdout, _ = run(capsys, "inspect", exp.path, "--json")
+    assert [(s["num_heads"], s["head_dim"]) for s in json.loads(stdout)["sites"]] == \
+        [(s.num_heads, s.head_dim) for s in exp.meta.sites]
     tokens = exp.meta.sites[0].q_len
     p, _ = _rewrite(capsys, exp.path, tmp_path, f"window:size={tokens}")
     assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
@@ -63,3 +68,6 @@ def test_deberta_folded_heads_with_a_mask_between_two_views(capsys, exported, ex
     assert max(m["rel_l2"] for m in p["metrics_vs_original"].values()) > 1e-3
     p, _ = _rewrite(capsys, exp.path, tmp_path, "linear")
     assert p["rewritten"] == [] and all("varies per query" in s["reason"] for s in p["sites"])
+    p, _ = _rewrite(capsys, exp.path, tmp_path, "sdpa:fuse=ort")  # heads unfolded for MultiHeadAttention
+    assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
+    assert all(m["max_abs"] <= 1e-5 for m in p["metrics_vs_original"].values()), p["metrics_vs_original"]

@@ -137,7 +137,7 @@ def _instances(reading, grid, window) -> int:
     batch = (dims(reading.q) or [None])[0]
     if isinstance(batch, int):
         heads = reading.num_heads
-        folded = reading.output_layout == "squeeze1" and heads
+        folded = reading.output_layout in ("squeeze1", "folded_qk") and heads
         return batch // heads if folded and batch % heads == 0 else batch
     if window and grid:
         return (grid[0] // window[0]) * (grid[1] // window[1])
@@ -283,16 +283,23 @@ def _spatial_rank(node: ir.Node) -> int | None:
 
 
 def _is_patchify(node: ir.Node) -> bool:
+    """A patch embedding: stride = kernel (ViT), or overlapping patches, every stride ≥ 2 and at most
+    its kernel (AST's 16×16 patches at stride 10, PVT-v2's and SegFormer's 7×7 at stride 4). Either
+    way the tokens are its output pixels in row-major order."""
     kernel = list(node.attributes["kernel_shape"].value) if "kernel_shape" in node.attributes else None
     strides = list(node.attributes["strides"].value) if "strides" in node.attributes else None
     if kernel is None:
         wdims = dims(node.inputs[1])
         kernel = wdims[2:] if wdims else None
-    return bool(kernel) and strides == kernel and max(kernel) >= 2
+    if not kernel or strides is None or len(strides) != len(kernel):
+        return False
+    if strides == kernel:
+        return max(kernel) >= 2
+    return all(2 <= s <= k for s, k in zip(strides, kernel))
 
 
 def find_patch_grid(value: ir.Value, limit: int = 50_000) -> tuple[int, ...] | None:
-    """Grid of the nearest patch embedding above `value`: a Conv with stride == kernel > 1."""
+    """Grid of the nearest patch embedding above `value` (see `_is_patchify`)."""
     found = find_embedding(value, limit)
     return found.grid if found is not None else None
 
@@ -407,13 +414,21 @@ def heads_from_reshape(q: ir.Value, head_dim: int | None, limit: int = 12) -> in
     """For `[B·h, N, d]` layouts: h = E / d from the Reshape that split the embedding E into heads."""
     if head_dim is None:
         return None
-    for node in _ancestors(q, limit, stop_at_softmax=True):
+    ancestors = list(_ancestors(q, limit, stop_at_softmax=True))
+    for node in ancestors:  # the fold itself: `[B, h, N, d] → [B·h, N, d]` names h outright
+        src, out = dims(node.inputs[0]) if node.op_type == "Reshape" else None, dims(node.outputs[0])
+        if src and out and len(src) == 4 and len(out) == 3 and src[-1] == out[-1] == head_dim \
+                and isinstance(src[1], int) and src[1] > 0:
+            return src[1]
+    for node in ancestors:
         if node.op_type != "Reshape":
             continue
         src, out = dims(node.inputs[0]), dims(node.outputs[0])
         if not (src and out and out[-1] == head_dim and src[-1] and src[-1] % head_dim == 0 and src[-1] > head_dim):
             continue
         heads = out[-2] if len(out) >= 2 else None
+        if heads == 3 and len(out) >= 3 and isinstance(out[-3], int) and out[-3] * 3 * head_dim == src[-1]:
+            return out[-3]  # BLOOM packs per head: `[.., 3·E] → [.., h, 3, d]`
         if isinstance(heads, int) and heads > 0 and src[-1] % (heads * head_dim) == 0:
             return heads  # `[.., E] → [.., h, d]`, or a packed `[.., 3·E] → [.., 3, h, d]`
         return src[-1] // head_dim

@@ -90,11 +90,15 @@ def read_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Reading
         k_full = _transpose_keys(graph, k_base, k4_perm)
     q4, k4, v4 = q_base, k_full, v
     layout = "bhnd"
+    folded_heads = None
     if q_rank == 3:
-        if value_rank(v) != 3 or value_rank(k_full) != 3:
+        if value_rank(k_full) != 3 or value_rank(v) not in (3, 4):
             raise Reject("query is 3-D but keys or values are not", qk)
-        q4, k4, v4 = (_heads_view(graph, t) for t in (q_base, k_full, v))
         layout = "squeeze1"
+        if value_rank(v) == 4:  # dynamo's BLOOM: bmm(probs.view(B·h, N, T), v) exported as a 4-D MatMul
+            v, folded_heads = _fold_values(graph, v, qk), dims(v)[1]
+            layout = "folded_qk"
+        q4, k4, v4 = (_heads_view(graph, t) for t in (q_base, k_full, v))
     elif q_rank == 5:
         if value_rank(v) != 5 or value_rank(k_full) != 5:
             raise Reject("query is 5-D but keys or values are not", qk)
@@ -116,7 +120,7 @@ def read_softmax(graph: ir.Graph, softmax: ir.Node, const_memo: dict) -> Reading
         notes.append("logits or weights are fake-quantised (QDQ); a rewrite computes them in float")
     return Reading(
         op="Softmax", anchor=softmax, q=q4, k=k4, v=v4, output=pv.outputs[0],
-        num_heads=heads_from_reshape(q_base, head_dim) if layout == "squeeze1" else qd[1],
+        num_heads=folded_heads or (heads_from_reshape(q_base, head_dim) if layout == "squeeze1" else qd[1]),
         head_dim=head_dim, q_len=qd[2], kv_len=kd[2], scale=scale, bias=bias, bias_kind=bias_kind,
         bias_per_key=bias is None or query_invariant(bias), nodes=tuple(covered), output_layout=layout,
         notes=tuple(notes),
@@ -129,6 +133,18 @@ def _heads_view(graph: ir.Graph, x: ir.Value) -> ir.Value:
     if x.shape is not None:
         out.shape = ir.Shape([x.shape[0], 1, x.shape[1], x.shape[2]])
     out.type = x.type
+    return out
+
+
+def _fold_values(graph: ir.Graph, v: ir.Value, qk: ir.Node) -> ir.Value:
+    """[B, h, T, d] values for weights computed on folded heads: viewed as [B·h, T, d]."""
+    d = dims(v)
+    if d is None or None in d[1:]:
+        raise Reject("values keep their heads while Q·Kᵀ folds them; that needs static heads, tokens and dim", qk)
+    shape = add_constant(graph, np.array([-1, d[2], d[3]], np.int64), "values_fold_shape")
+    out = add_node(graph, "Reshape", [v, shape], name="values_fold")
+    out.shape = ir.Shape([d[0] * d[1] if isinstance(d[0], int) else None, d[2], d[3]])
+    out.type = v.type
     return out
 
 
