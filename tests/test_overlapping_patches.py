@@ -1,0 +1,70 @@
+"""Overlapping patch embeddings: AST cuts its spectrogram into 16×16 patches at stride 10, so the
+tokens are the conv's output pixels in row-major order even though stride < kernel. The grid is read
+from the conv (with AST's two prefix tokens, CLS and distillation), and spatial passes apply."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the model needs torch (pip install -e '.[torch]')")
+tf = pytest.importorskip("transformers", reason="the model is transformers' AST")
+
+from tests.fixtures.vision import sharpen_attention  # noqa: E402
+from tests.test_cli_pipeline import run  # noqa: E402
+
+MEL, FRAMES = 64, 96  # (64−16)/10+1 = 5 frequency rows, (96−16)/10+1 = 9 time columns
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values):
+        return self.model(input_values=input_values).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def ast_export(tmp_path_factory):
+    cfg = tf.ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       patch_size=16, frequency_stride=10, time_stride=10, max_length=FRAMES, num_mel_bins=MEL)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = _Hidden(sharpen_attention(tf.ASTModel(cfg), 8.0)).eval()
+    x = torch.randn(2, FRAMES, MEL)
+    out = tmp_path_factory.mktemp("ast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(out / "ast.onnx"), dynamo=False, opset_version=17,
+                          input_names=["input_values"], output_names=["last_hidden_state"],
+                          dynamic_axes={"input_values": {0: "batch"}, "last_hidden_state": {0: "batch"}})
+    np.savez(out / "calib.npz", input_values=x.numpy())
+    return out
+
+
+def _rewrite(capsys, out, spec):
+    rc, stdout, err = run(capsys, out / "ast.onnx", "--pass", spec, "--calib", out / "calib.npz", "-o",
+                          out / "ast.rewritten.onnx", "--force", "--json")
+    assert rc == 0, err
+    return json.loads(stdout)["passes"][0]
+
+
+def test_ast_grid_comes_from_its_overlapping_patch_embedding(capsys, ast_export):
+    rc, stdout, err = run(capsys, "inspect", ast_export / "ast.onnx", "--json")
+    assert rc == 0, err
+    sites = json.loads(stdout)["sites"]
+    assert [(s["grid"], s["prefix_tokens"], s["q_len"]) for s in sites] == [([5, 9], 2, 47)] * 2
+
+
+def test_ast_takes_spatial_passes_with_an_exact_anchor(capsys, ast_export):
+    p = _rewrite(capsys, ast_export, "window:size=5x9")  # the whole grid: the original attention
+    assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
+    assert p["metrics_vs_original"]["last_hidden_state"]["max_abs"] <= 1e-5
+    for spec in ("window:size=2x3", "neighborhood:kernel=3"):
+        p = _rewrite(capsys, ast_export, spec)
+        assert p["rewritten"] == ["attn_0", "attn_1"], (spec, p["sites"])
+        assert p["metrics_vs_original"]["last_hidden_state"]["rel_l2"] > 1e-3, spec  # a real restriction
