@@ -179,6 +179,24 @@ def test_logits_from_an_unknown_op(tmp_path):
     _check(_rejected(tmp_path, model), "logits come from Tanh", "attn.softmax (at attn.tanh)")
 
 
+def test_soft_capped_logits_behind_a_mask_name_the_tanh(tmp_path):
+    """Gemma 2: `tanh(s / cap) · cap + mask`. The Add has no operand that reaches Q·Kᵀ through affine
+    ops; the rejection names the Tanh that blocks it, not the Add."""
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="attn.kt"),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="attn.qk"),
+             helper.make_node("Div", ["s", "cap"], ["sc"], name="attn.div_cap"),
+             helper.make_node("Tanh", ["sc"], ["st"], name="attn.tanh"),
+             helper.make_node("Mul", ["st", "cap"], ["sm"], name="attn.mul_cap"),
+             helper.make_node("Add", ["sm", "mask"], ["sa"], name="attn.mask"),
+             helper.make_node("Softmax", ["sa"], ["p"], axis=-1, name="attn.softmax"),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="attn.pv")]
+    shape = [1, 2, 5, 4]
+    inits = [onnx.numpy_helper.from_array(np.array(50.0, np.float32), "cap")]
+    model = _model(nodes, [f32("q", shape), f32("k", shape), f32("v", shape), f32("mask", [1, 1, 5, 5])],
+                   [f32("o", shape)], inits)
+    _check(_rejected(tmp_path, model), "pass through Tanh", "attn.softmax (at attn.tanh)")
+
+
 @pytest.mark.parametrize("anchor", ["Softmax", "Attention"])
 def test_unnamed_nodes_are_named_by_op_type(tmp_path, anchor):
     """Exporters leave names empty sometimes: the op type stands in, so the message is never blank."""

@@ -310,7 +310,38 @@ def _logits_operand(node: ir.Node, positions: tuple[int, ...], const_memo: dict)
         cand = node.inputs[pos]
         if cand is not None and _reaches_qk(cand, const_memo):
             return cand
+    for pos in positions:
+        blocker = _non_affine_above(node.inputs[pos], const_memo)
+        if blocker is not None:
+            raise Reject(f"logits pass through {blocker.op_type} (e.g. Gemma 2's tanh soft-capping), which is not "
+                         "affine in Q·Kᵀ, so the weights are not softmax(scale·QKᵀ + bias)", blocker)
     raise Reject(f"neither operand of {node.op_type} leads to Q·Kᵀ", node)
+
+
+#: Ops a logits chain may pass (each affine in Q·Kᵀ), with the operands that carry the logits.
+_CHAIN_OPERANDS = {
+    "Cast": (0,), "Identity": (0,), "Reshape": (0,), "Div": (0,), "Sub": (0,),
+    "QuantizeLinear": (0,), "DequantizeLinear": (0,),
+    "Mul": (0, 1), "Add": (0, 1), "Where": (1, 2),
+}
+
+
+def _non_affine_above(value: ir.Value | None, const_memo: dict, depth: int = 0) -> ir.Node | None:
+    """The first op outside the affine chain ops on a path from `value` up to Q·Kᵀ, if there is one:
+    what to name when a site is rejected for it."""
+    if value is None or depth > _MAX_CHAIN or is_constant(value, const_memo) or value.producer() is None:
+        return None
+    node = value.producer()
+    operands = _CHAIN_OPERANDS.get(node.op_type)
+    if operands is None:
+        if node.op_type in ("MatMul", "Einsum"):
+            return None
+        return node if any(i is not None and _reaches_qk(i, const_memo) for i in node.inputs) else None
+    for i in operands:
+        found = _non_affine_above(node.inputs[i] if i < len(node.inputs) else None, const_memo, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _reaches_qk(value: ir.Value, const_memo: dict, depth: int = 0) -> bool:
@@ -323,11 +354,7 @@ def _reaches_qk(value: ir.Value, const_memo: dict, depth: int = 0) -> bool:
     op = node.op_type
     if op in ("MatMul", "Einsum"):
         return len(node.inputs) == 2 and not is_constant(node.inputs[1], const_memo)
-    operands = {
-        "Cast": (0,), "Identity": (0,), "Reshape": (0,), "Div": (0,), "Sub": (0,),
-        "QuantizeLinear": (0,), "DequantizeLinear": (0,),
-        "Mul": (0, 1), "Add": (0, 1), "Where": (1, 2),
-    }.get(op, ())
+    operands = _CHAIN_OPERANDS.get(op, ())
     return any(
         node.inputs[i] is not None and _reaches_qk(node.inputs[i], const_memo, depth + 1) for i in operands
     )
