@@ -68,3 +68,40 @@ def test_ast_takes_spatial_passes_with_an_exact_anchor(capsys, ast_export):
         p = _rewrite(capsys, ast_export, spec)
         assert p["rewritten"] == ["attn_0", "attn_1"], (spec, p["sites"])
         assert p["metrics_vs_original"]["last_hidden_state"]["rel_l2"] > 1e-3, spec  # a real restriction
+
+
+def test_hiera_with_one_mask_unit_gets_no_grid(capsys, tmp_path):
+    """Hiera's stem overlaps too (7×7 at stride 4), and on a 32×32 image its 8×8 tokens make one
+    8×8 mask unit: the token count equals the conv's grid, but `unroll` has reordered the tokens, so
+    reading the grid would make spatial passes cut windows across the wrong tokens. Mask-unit sites
+    get no grid, and window passes skip them with the reason."""
+    cfg = tf.HieraConfig(embed_dim=16, image_size=[32, 32], patch_size=[7, 7], patch_stride=[4, 4],
+                         patch_padding=[3, 3], mlp_ratio=2.0, depths=[1, 1], num_heads=[1, 2],
+                         masked_unit_size=[8, 8], query_stride=[2, 2], num_query_pool=1,
+                         masked_unit_attention=[True, False])
+    torch.manual_seed(0)
+    model = tf.HieraModel(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+    path = tmp_path / "hiera.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden().eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["last_hidden_state"])
+    rc, stdout, err = run(capsys, "inspect", path, "--json")
+    assert rc == 0, err
+    first = json.loads(stdout)["sites"][0]
+    assert (first["q_len"], first["grid"], first["vision"]) == (64, None, True), first
+    np.savez(tmp_path / "calib.npz", pixel_values=x.numpy())
+    rc, stdout, err = run(capsys, path, "--pass", "window:size=4x4", "--calib", tmp_path / "calib.npz", "-o",
+                          tmp_path / "out.onnx", "--force", "--json")
+    assert rc == 0, err
+    assert "attn_0" not in json.loads(stdout)["passes"][0]["rewritten"]

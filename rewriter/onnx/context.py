@@ -77,6 +77,11 @@ def describe(reading, model: ir.Model, const_memo: dict, token_memo: dict | None
     embedding = None
     if partition is not None:  # windows cut from an [B, H, W, C] map: spatial by construction
         (grid, window), prefix, vision = partition, 0, True
+    elif reading.output_layout == "units":
+        # Hiera: tokens are unrolled into mask units (a strided interleave, not row-major), so no conv's
+        # grid describes their order, even where the counts agree (one unit over a small image)
+        vision = True
+        notes.append("tokens are unrolled into mask units: no row-major token grid")
     else:
         embedding = find_embedding(reading.k)
         vision = embedding is not None
