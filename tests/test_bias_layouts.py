@@ -71,3 +71,37 @@ def test_folded_heads_with_a_mask_between_two_views(capsys, exported, name, expo
     p, _ = _rewrite(capsys, exp.path, tmp_path, "sdpa:fuse=ort")  # heads unfolded for MultiHeadAttention
     assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
     assert all(m["max_abs"] <= 1e-5 for m in p["metrics_vs_original"].values()), p["metrics_vs_original"]
+
+
+@pytest.mark.parametrize("name", ["hf_deberta_v2", "hf_bloom"])
+def test_folded_heads_with_a_dynamic_sequence(capsys, tmp_path, name):
+    """As optimum exports them: batch and sequence both symbolic, so the weights' fold back to
+    [B·h, N, T] has no static axes to compare. The site is still found (the numerical check decides),
+    sdpa keeps the model exact at another length with padding, and window passes give the reason."""
+    from tests.fixtures import FIXTURES
+
+    built = FIXTURES[name].build()
+    path = tmp_path / f"{name}.onnx"
+    axes = {k: {0: "batch", 1: "seq"} for k in built.input_names + built.output_names}
+    torch.onnx.export(built.model, built.inputs, str(path), dynamo=False, opset_version=17,
+                      input_names=built.input_names, output_names=built.output_names, dynamic_axes=axes)
+    rc, stdout, err = run(capsys, "inspect", path, "--json")
+    doc = json.loads(stdout)
+    assert rc == 0 and doc["rejected"] == [], (err, doc["rejected"])
+    assert [(s["num_heads"], s["q_len"]) for s in doc["sites"]] == [(s.num_heads, None) for s in built.meta.sites]
+    np.savez(tmp_path / "calib.npz", **{k: v.numpy() for k, v in zip(built.input_names, built.inputs)})
+    out = tmp_path / "sdpa.onnx"
+    rc, stdout, err = run(capsys, path, "--pass", "sdpa", "--calib", tmp_path / "calib.npz", "-o", out, "--json")
+    assert rc == 0, err
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(5, 200, (3, 11)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    want, got = (ort.InferenceSession(str(p)).run(None, feeds)[0] for p in (path, out))
+    assert want.shape == (3, 11, 32) and np.abs(want - got).max() <= 1e-5
+    rc, stdout, err = run(capsys, path, "--pass", "window:size=4", "--calib", tmp_path / "calib.npz", "-o",
+                          tmp_path / "w.onnx", "--json")
+    assert rc == 0, err
+    assert all("sequence length is dynamic" in s["reason"] for s in json.loads(stdout)["passes"][0]["sites"])

@@ -191,8 +191,10 @@ def _folds_heads(node: ir.Node, probs: ir.Value) -> bool:
     if node.op_type != "Reshape" or node.inputs[0] is not probs:
         return False
     before, after = dims(probs), dims(node.outputs[0])
-    return (before is not None and after is not None and len(after) >= 3 and before[-2:] == after[-2:]
-            and all(isinstance(d, int) for d in before[-2:]))
+    if before is None or after is None or len(before) != 4 or len(after) != 3:
+        return False
+    # with a dynamic sequence the axes are unknown: the numerical check of the site decides
+    return all(b == a or not isinstance(b, int) or not isinstance(a, int) for b, a in zip(before[-2:], after[-2:]))
 
 
 def _is_nan_guard(node: ir.Node, probs: ir.Value) -> bool:
@@ -491,9 +493,7 @@ def _fold_bias_heads(graph: ir.Graph, bias: ir.Value) -> ir.Value:
     """A [B, h, N, T] bias for scores computed as [B·h, N, T] (the chain split the heads out before a
     mask, as DeBERTa does): back to the site's [B·h, 1, N, T]."""
     b, h, n, t = bias.shape
-    if not all(isinstance(d, int) for d in (n, t)):
-        raise Reject("a bias whose heads were split off the folded scores needs static token counts")
-    shape = add_constant(graph, np.array([-1, 1, n, t], np.int64), "bias_fold_shape")
+    shape = add_constant(graph, np.array([-1, 1, 0, 0], np.int64), "bias_fold_shape")  # 0: keep that axis
     out = add_node(graph, "Reshape", [bias, shape], name="bias_fold_heads")
     out.shape = ir.Shape([b * h if isinstance(b, int) and isinstance(h, int) else None, 1, n, t])
     out.type = bias.type
