@@ -105,3 +105,51 @@ def test_hiera_with_one_mask_unit_gets_no_grid(capsys, tmp_path):
                           tmp_path / "out.onnx", "--force", "--json")
     assert rc == 0, err
     assert "attn_0" not in json.loads(stdout)["passes"][0]["rewritten"]
+
+
+def test_dynamic_resolution_vit_keeps_its_dynamic_axes(capsys, tmp_path):
+    """DINOv2 exported with symbolic height and width (position embeddings interpolated at run time).
+    Canonicalisation probes dynamic dims at concrete sizes; at 2 and 3 pixels an 8×8 patch conv gives
+    the same 1×1 grid, which once made every token axis "static" and broke the written model. The
+    canonical graph must run at two resolutions like the original, detection must leave the token
+    count open, and a rewrite must serve any resolution."""
+    from attnrewrite.onnx.canonicalize import canonicalize
+    from attnrewrite.onnx.modelio import load_model
+    from tests.conftest import ort_run
+
+    cfg = tf.Dinov2Config(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.Dinov2Model(cfg).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+    path = tmp_path / "dinov2.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden().eval(), (torch.randn(2, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["h"],
+                          dynamic_axes={"pixel_values": {0: "b", 2: "height", 3: "width"}, "h": {0: "b", 1: "n"}})
+    import onnx_ir as ir
+
+    ir.save(canonicalize(load_model(path)), tmp_path / "canonical.onnx")
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (48, 80)]
+    for h, w in sizes:
+        feeds = {"pixel_values": rng.standard_normal((1, 3, h, w)).astype(np.float32)}
+        want, got = ort_run(path, feeds)["h"], ort_run(tmp_path / "canonical.onnx", feeds)["h"]
+        assert want.shape == got.shape == (1, 1 + (h // 8) * (w // 8), 32) and np.abs(want - got).max() <= 1e-5
+    rc, stdout, err = run(capsys, "inspect", path, "--json")
+    assert [s["q_len"] for s in json.loads(stdout)["sites"]] == [None, None], stdout
+    np.savez(tmp_path / "calib.npz", pixel_values=rng.standard_normal((2, 3, 64, 64)).astype(np.float32))
+    rc, _, err = run(capsys, path, "--pass", "linear", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "lin.onnx")
+    assert rc == 0, err
+    out = ort_run(tmp_path / "lin.onnx", {"pixel_values": rng.standard_normal((1, 3, 48, 80)).astype(np.float32)})["h"]
+    assert out.shape == (1, 61, 32)

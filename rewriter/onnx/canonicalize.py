@@ -115,11 +115,18 @@ def infer_static_dims(model: ir.Model) -> int:
     if not dynamic:  # one run gives the static shapes
         run = _propagated_shapes(proto, dynamic, 0, untyped)
         return _merge_runs(model, [run, run])
-    runs = [_propagated_shapes(proto, dynamic, 2, untyped), _propagated_shapes(proto, dynamic, 3)]
+    runs = [_propagated_shapes(proto, dynamic, 2, untyped), _propagated_shapes(proto, dynamic, 3),
+            _propagated_shapes(proto, dynamic, LARGE_SIZE)]
     improved = _merge_runs(model, runs)
     if _softmax_logits_unresolved(model):
-        improved += _merge_runs(model, [_folded_shapes(proto, dynamic, size) for size in (2, 3)])
+        improved += _merge_runs(model, [_folded_shapes(proto, dynamic, size) for size in (2, 3, LARGE_SIZE)])
     return improved
+
+
+#: The third concrete size for every dynamic input dim. 2 and 3 alone agree wherever a stride or
+#: patch divides them away (a dynamic-resolution DINOv2 gave a 1×1 "static" patch grid at both, and
+#: the rewritten graph broke); any stride up to 1344 separates 1344 from 2 and 3.
+LARGE_SIZE = 1344
 
 
 def _with_sizes(proto: onnx.ModelProto, dynamic: list, size: int) -> onnx.ModelProto:
@@ -200,19 +207,24 @@ def _softmax_logits_unresolved(model: ir.Model) -> bool:
 
 
 def _merge_runs(model: ir.Model, runs: list[dict[str, list] | None]) -> int:
-    """Set every dim that both concrete runs agree on; dims that follow the inputs stay symbolic."""
-    if any(r is None for r in runs):
+    """Set every dim that all concrete runs agree on; dims that follow the inputs stay symbolic. The
+    first two runs must have succeeded; a later one that failed (a large size can overrun a position
+    table) is left out."""
+    if len(runs) < 2 or runs[0] is None or runs[1] is None:
         return 0
+    runs = [r for r in runs if r is not None]
     improved = 0
     for node in model.graph:
         for value in node.outputs:
-            a, b = runs[0].get(value.name), runs[1].get(value.name)
-            if a is None or b is None or len(a) != len(b):
+            found = [r.get(value.name) for r in runs]
+            a = found[0]
+            if any(f is None or len(f) != len(a) for f in found):
                 continue
             old = list(value.shape) if value.shape is not None else [None] * len(a)
             if len(old) != len(a):
                 continue
-            new = [x if (x is not None and x == y) else o for x, y, o in zip(a, b, old)]
+            new = [dims_[0] if (dims_[0] is not None and all(x == dims_[0] for x in dims_)) else o
+                   for *dims_, o in zip(*found, old)]
             if value.shape is None or any(isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old)):
                 value.shape = ir.Shape(new)
                 improved += 1
