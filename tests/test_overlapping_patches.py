@@ -153,3 +153,7 @@ def test_dynamic_resolution_vit_keeps_its_dynamic_axes(capsys, tmp_path):
     assert rc == 0, err
     out = ort_run(tmp_path / "lin.onnx", {"pixel_values": rng.standard_normal((1, 3, 48, 80)).astype(np.float32)})["h"]
     assert out.shape == (1, 61, 32)
+    rc, stdout, err = run(capsys, path, "--pass", "window:size=4x4", "--calib", tmp_path / "calib.npz", "-o",
+                          tmp_path / "win.onnx", "--json")
+    assert rc == 0, err
+    assert all("image size is dynamic" in s["reason"] for s in json.loads(stdout)["passes"][0]["sites"])

@@ -78,6 +78,9 @@ def spatial_frame(site: AttentionSite, options: dict, *, allow_1d: bool) -> tupl
             return "tokens follow the grid and the token count is dynamic", None, 0
         # tokens after the grid (YOLOS' detection tokens) are moved in front: see `grid_last`
         return None, site.grid, site.prefix_tokens + site.suffix_tokens
+    if site.vision and site.q_len is None:
+        return ("the image size is dynamic, so the token grid is not known; export with a fixed image size "
+                "for spatial passes (linear, quant and sdpa serve any size)"), None, 0
     if site.vision:
         # the tokens come from a convolution: their order is spatial, and a 1-D window over it would
         # be a geometrically wrong rewrite reported as a success (issue: video tokens read as text)

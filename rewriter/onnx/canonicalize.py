@@ -207,24 +207,25 @@ def _softmax_logits_unresolved(model: ir.Model) -> bool:
 
 
 def _merge_runs(model: ir.Model, runs: list[dict[str, list] | None]) -> int:
-    """Set every dim that all concrete runs agree on; dims that follow the inputs stay symbolic. The
-    first two runs must have succeeded; a later one that failed (a large size can overrun a position
-    table) is left out."""
+    """Set every dim that the first two concrete runs agree on and no later run contradicts; dims that
+    follow the inputs stay symbolic. A later run only vetoes with a concrete, different number: at
+    a large size inference can fail or lose dims (a sequence beyond the position table), which says
+    nothing about them."""
     if len(runs) < 2 or runs[0] is None or runs[1] is None:
         return 0
-    runs = [r for r in runs if r is not None]
     improved = 0
     for node in model.graph:
         for value in node.outputs:
-            found = [r.get(value.name) for r in runs]
-            a = found[0]
-            if any(f is None or len(f) != len(a) for f in found):
+            a, b = runs[0].get(value.name), runs[1].get(value.name)
+            if a is None or b is None or len(a) != len(b):
                 continue
+            vetoes = [r.get(value.name) for r in runs[2:] if r is not None]
+            vetoes = [v for v in vetoes if v is not None and len(v) == len(a)]
             old = list(value.shape) if value.shape is not None else [None] * len(a)
             if len(old) != len(a):
                 continue
-            new = [dims_[0] if (dims_[0] is not None and all(x == dims_[0] for x in dims_)) else o
-                   for *dims_, o in zip(*found, old)]
+            new = [x if (x is not None and x == y and all(v[i] in (None, x) for v in vetoes)) else o
+                   for i, (x, y, o) in enumerate(zip(a, b, old))]
             if value.shape is None or any(isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old)):
                 value.shape = ir.Shape(new)
                 improved += 1
