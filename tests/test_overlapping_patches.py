@@ -157,3 +157,37 @@ def test_dynamic_resolution_vit_keeps_its_dynamic_axes(capsys, tmp_path):
                           tmp_path / "win.onnx", "--json")
     assert rc == 0, err
     assert all("image size is dynamic" in s["reason"] for s in json.loads(stdout)["passes"][0]["sites"])
+
+
+def test_dynamic_resolution_swin_sites_are_verified_from_real_image_sizes(capsys, tmp_path):
+    """Swin with symbolic height and width: the second stage's site ties its axes to the input, so its
+    numerical check runs the model's own prefix, where a 2×2 image cannot pass the patch conv; the
+    prefix run tries image-sized inputs. Both sites are found, vision sites, and no spatial pass
+    rewrites them as a 1-D sequence."""
+    cfg = tf.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.SwinModel(cfg).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+    path = tmp_path / "swin.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Hidden().eval(), (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["h"],
+                          dynamic_axes={"pixel_values": {0: "b", 2: "height", 3: "width"}, "h": {0: "b", 1: "n"}})
+    rc, stdout, err = run(capsys, "inspect", path, "--json")
+    doc = json.loads(stdout)
+    assert rc == 0 and doc["rejected"] == [] and len(doc["sites"]) == 2, doc["rejected"]
+    assert all(s["vision"] for s in doc["sites"])
+    np.savez(tmp_path / "calib.npz", pixel_values=np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    rc, stdout, err = run(capsys, path, "--pass", "window:size=2", "--calib", tmp_path / "calib.npz", "-o",
+                          tmp_path / "w.onnx", "--json")
+    assert rc == 0 and json.loads(stdout)["passes"][0]["rewritten"] == [], err

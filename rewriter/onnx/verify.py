@@ -103,14 +103,19 @@ def _verify_together(model: ir.Model, sites: list[AttentionSite]) -> dict[str, s
     return failures
 
 
+#: From the model's own inputs a dynamic image side of 2 or 1 pixels cannot pass a patch conv: the
+#: prefix run also tries sizes an image or a sequence can have (the batch axis stays at 2 or 1).
+_PREFIX_SIZES = (2, 1, 64, 224)
+
+
 def _run_cut(model: ir.Model, outputs: list[ir.Value], inside) -> dict[str, np.ndarray]:
     """`outputs` computed on random feeds from the values where `inside` stops (None: the graph inputs)."""
     proto, _ = build_submodel(model.graph, outputs, inside)
     _bypass_fake_quant(proto)
     session = cpu_session(proto.SerializeToString())
     last_error: Exception | None = None
-    for size in _DYNAMIC_SIZES:
-        feeds = _random_feeds(session, size, seed=0)
+    for size in _DYNAMIC_SIZES if inside is not None else _PREFIX_SIZES:
+        feeds = _random_feeds(session, size, seed=0, batch=None if inside is not None else min(size, 2))
         try:
             return dict(zip([o.name for o in outputs], session.run([o.name for o in outputs], feeds)))
         except Exception as exc:  # noqa: BLE001 - try the next size for symbolic dims
@@ -174,11 +179,13 @@ def _bias_head(bias: np.ndarray, rank: int, count: int = 2) -> np.ndarray:
     return _head(bias, count) if bias.ndim == rank else bias
 
 
-def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int) -> dict[str, np.ndarray]:
+def _random_feeds(session: ort.InferenceSession, dynamic: int, seed: int, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Random inputs with every symbolic axis at `dynamic` (the first at `batch` when given)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in session.get_inputs():
-        shape = [d if isinstance(d, int) and d >= 0 else dynamic for d in inp.shape]
+        shape = [d if isinstance(d, int) and d >= 0 else (batch if axis == 0 and batch else dynamic)
+                 for axis, d in enumerate(inp.shape)]
         kind = inp.type
         if "float" in kind:
             dtype = numpy_dtype_of_ort(kind) or np.float32
