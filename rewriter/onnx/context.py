@@ -420,10 +420,11 @@ def heads_from_reshape(q: ir.Value, head_dim: int | None, limit: int = 12) -> in
     if head_dim is None:
         return None
     ancestors = list(_ancestors(q, limit, stop_at_softmax=True))
+    tokens = (dims(q) or [None, None])[1]
     for node in ancestors:  # the fold itself: `[B, h, N, d] → [B·h, N, d]` names h outright
         src, out = dims(node.inputs[0]) if node.op_type == "Reshape" else None, dims(node.outputs[0])
         if src and out and len(src) == 4 and len(out) == 3 and src[-1] == out[-1] == head_dim \
-                and isinstance(src[1], int) and src[1] > 0:
+                and src[2] == out[1] == tokens and isinstance(src[1], int) and src[1] > 0:
             return src[1]
     for node in ancestors:
         if node.op_type != "Reshape":
