@@ -132,6 +132,21 @@ def test_digits_resize_image_resamples_the_grid_and_keeps_cls():
     assert torch.allclose(same.pos_embed.detach(), grid, atol=1e-6), "resizing to the same side is not the identity"
 
 
+def test_digits_finetune_at_a_higher_resolution_exports_at_it(tmp_path):
+    """`finetune_img` moves a trained model to a larger image (the 1025-token plans model does this at
+    64×64): the ONNX takes the new size, the data and calibration files are at it, and the resampled
+    model still classifies (one epoch at each size, far above chance)."""
+    dv = _load("examples/digits_vit.py")
+    result = dv.train_digits_vit(tmp_path, epochs=2, seed=0, threads=1, finetune_img=40, finetune_epochs=1)
+    paths = result["paths"]
+    x = np.load(paths["data"])["pixel_values"]
+    assert x.shape[1:] == (1, 40, 40) and np.load(paths["calib"])["pixel_values"].shape[1:] == (1, 40, 40)
+    proto = onnx.load(str(paths["model"]))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 40, 40]
+    assert result["accuracy"] >= 0.3, result["accuracy"]
+    assert dv.evaluate_onnx(paths["model"], paths["data"], paths["labels"]) == pytest.approx(result["accuracy"], abs=0.01)
+
+
 def test_build_vit_writes_external_data_that_onnxruntime_loads(tmp_path):
     bm = _load("benchmarks/models.py")
     path = bm.build_vit(tmp_path / "tiny.onnx", **TINY, seed=3)
