@@ -20,12 +20,26 @@ MEL, FRAMES = 64, 96  # (64−16)/10+1 = 5 frequency rows, (96−16)/10+1 = 9 ti
 
 
 class _Hidden(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    """A transformers model as `input -> last_hidden_state` with the input under its own keyword."""
 
-    def forward(self, input_values):
-        return self.model(input_values=input_values).last_hidden_state
+    def __init__(self, model, key: str):
+        super().__init__()
+        self.model, self.key = model.eval(), key
+
+    def forward(self, x):
+        return self.model(**{self.key: x}).last_hidden_state
+
+
+def _export(model, key: str, x, path, axes: dict[int, str] | None = None):
+    """TorchScript, opset 17; `axes` are the input's symbolic axes (batch only by default, {} static)."""
+    axes = {0: "b"} if axes is None else axes
+    out_axes = {0: "b", **({1: "n"} if len(axes) > 1 else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Hidden(model, key).eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=[key], output_names=["h"],
+                          dynamic_axes={key: axes, "h": out_axes} if axes else None)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +48,9 @@ def ast_export(tmp_path_factory):
                        patch_size=16, frequency_stride=10, time_stride=10, max_length=FRAMES, num_mel_bins=MEL)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = _Hidden(sharpen_attention(tf.ASTModel(cfg), 8.0)).eval()
     x = torch.randn(2, FRAMES, MEL)
     out = tmp_path_factory.mktemp("ast")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(out / "ast.onnx"), dynamo=False, opset_version=17,
-                          input_names=["input_values"], output_names=["last_hidden_state"],
-                          dynamic_axes={"input_values": {0: "batch"}, "last_hidden_state": {0: "batch"}})
+    _export(sharpen_attention(tf.ASTModel(cfg), 8.0), "input_values", x, out / "ast.onnx")
     np.savez(out / "calib.npz", input_values=x.numpy())
     return out
 
@@ -63,11 +72,11 @@ def test_ast_grid_comes_from_its_overlapping_patch_embedding(capsys, ast_export)
 def test_ast_takes_spatial_passes_with_an_exact_anchor(capsys, ast_export):
     p = _rewrite(capsys, ast_export, "window:size=5x9")  # the whole grid: the original attention
     assert p["rewritten"] == ["attn_0", "attn_1"], p["sites"]
-    assert p["metrics_vs_original"]["last_hidden_state"]["max_abs"] <= 1e-5
+    assert p["metrics_vs_original"]["h"]["max_abs"] <= 1e-5
     for spec in ("window:size=2x3", "neighborhood:kernel=3"):
         p = _rewrite(capsys, ast_export, spec)
         assert p["rewritten"] == ["attn_0", "attn_1"], (spec, p["sites"])
-        assert p["metrics_vs_original"]["last_hidden_state"]["rel_l2"] > 1e-3, spec  # a real restriction
+        assert p["metrics_vs_original"]["h"]["rel_l2"] > 1e-3, spec  # a real restriction
 
 
 def test_hiera_with_one_mask_unit_gets_no_grid(capsys, tmp_path):
@@ -80,22 +89,8 @@ def test_hiera_with_one_mask_unit_gets_no_grid(capsys, tmp_path):
                          masked_unit_size=[8, 8], query_stride=[2, 2], num_query_pool=1,
                          masked_unit_attention=[True, False])
     torch.manual_seed(0)
-    model = tf.HieraModel(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
-
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return self.model(pixel_values=pixel_values).last_hidden_state
-
-    path = tmp_path / "hiera.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Hidden().eval(), (x,), str(path), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["last_hidden_state"])
+    path = _export(tf.HieraModel(cfg), "pixel_values", x, tmp_path / "hiera.onnx", {})  # rank-5 sites need a static batch
     rc, stdout, err = run(capsys, "inspect", path, "--json")
     assert rc == 0, err
     first = json.loads(stdout)["sites"][0]
@@ -121,22 +116,8 @@ def test_dynamic_resolution_vit_keeps_its_dynamic_axes(capsys, tmp_path):
                           intermediate_size=64)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = tf.Dinov2Model(cfg).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return self.model(pixel_values=pixel_values).last_hidden_state
-
-    path = tmp_path / "dinov2.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Hidden().eval(), (torch.randn(2, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["h"],
-                          dynamic_axes={"pixel_values": {0: "b", 2: "height", 3: "width"}, "h": {0: "b", 1: "n"}})
+    path = _export(tf.Dinov2Model(cfg), "pixel_values", torch.randn(2, 3, 64, 64), tmp_path / "dinov2.onnx",
+                   {0: "b", 2: "height", 3: "width"})
     import onnx_ir as ir
 
     ir.save(canonicalize(load_model(path)), tmp_path / "canonical.onnx")
@@ -167,22 +148,8 @@ def test_dynamic_resolution_swin_sites_are_verified_from_real_image_sizes(capsys
     cfg = tf.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = tf.SwinModel(cfg).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return self.model(pixel_values=pixel_values).last_hidden_state
-
-    path = tmp_path / "swin.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Hidden().eval(), (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["h"],
-                          dynamic_axes={"pixel_values": {0: "b", 2: "height", 3: "width"}, "h": {0: "b", 1: "n"}})
+    path = _export(tf.SwinModel(cfg), "pixel_values", torch.randn(1, 3, 64, 64), tmp_path / "swin.onnx",
+                   {0: "b", 2: "height", 3: "width"})
     rc, stdout, err = run(capsys, "inspect", path, "--json")
     doc = json.loads(stdout)
     assert rc == 0 and doc["rejected"] == [] and len(doc["sites"]) == 2, doc["rejected"]
