@@ -305,9 +305,15 @@ def _drift(budget, metrics: dict) -> float:
 MIN_GAIN = 0.95
 
 
+def _worth(p: SitePlan, i: int) -> bool:
+    """May option `i` be chosen at all: the original, or a candidate that beats it by the margin
+    (timing noise buys no drift)."""
+    return i == 0 or p.options[i].ms < MIN_GAIN * p.options[0].ms
+
+
 def _fastest(p: SitePlan) -> int:
-    """The fastest option that beats the original by the margin (timing noise buys no drift)."""
-    worth = [i for i, o in enumerate(p.options) if i == 0 or o.ms < MIN_GAIN * p.options[0].ms]
+    """The fastest option worth choosing."""
+    worth = [i for i in range(len(p.options)) if _worth(p, i)]
     return min(worth, key=lambda i: (p.options[i].ms, p.options[i].drift))
 
 
@@ -361,7 +367,7 @@ def _single_candidate_plans(live: list[SitePlan], predictor, allowed: float) -> 
     for candidate in sorted({o.candidate for p in live for o in p.options[1:]}):
         for p in live:
             p.choice = next((i for i, o in enumerate(p.options)
-                             if i and o.candidate == candidate and o.ms < MIN_GAIN * p.options[0].ms), 0)
+                             if i and o.candidate == candidate and _worth(p, i)), 0)
         reverted = []
         for p in sorted((p for p in live if p.choice), key=lambda p: -p.options[p.choice].drift):
             if predictor.drift(live) <= allowed:
@@ -389,7 +395,7 @@ def _knapsack(live: list[SitePlan], cap: float) -> list[int]:
     least = np.zeros(UNITS + 1)  # least[c]: fewest ms of the sites so far within c units
     picks, weights = [], []
     for p in live:
-        w = {i: _units(o.drift, unit) for i, o in enumerate(p.options) if i == 0 or o.ms < MIN_GAIN * p.options[0].ms}
+        w = {i: _units(o.drift, unit) for i, o in enumerate(p.options) if _worth(p, i)}
         row, pick = np.full(UNITS + 1, np.inf), np.zeros(UNITS + 1, dtype=int)
         for i, units in w.items():
             if units > UNITS:
@@ -422,36 +428,41 @@ def _units(drift: float, unit: float | None) -> int:
 def _relax(live: list[SitePlan], predictor, allowed: float) -> bool:
     """Move the one site whose switch to a faster option saves the most ms per unit of predicted drift
     while the whole plan stays within the budget; False when no faster option fits."""
-    best, best_gain = None, 0.0
     before = predictor.drift(live)
-    for p in live:
+
+    def gain(p: SitePlan, i: int) -> float | None:
         current, keep = p.options[p.choice], p.choice
-        for i, option in enumerate(p.options):
-            if option.ms >= current.ms or (i and option.ms >= MIN_GAIN * p.options[0].ms):
-                continue
-            p.choice = i
-            after = predictor.drift(live)
-            p.choice = keep
-            if after <= allowed:
-                gain = (current.ms - option.ms) / max(after - before, 1e-9)
-                if gain > best_gain:
-                    best, best_gain = (p, i), gain
-    if best is None:
-        return False
-    best[0].choice = best[1]
-    return True
+        if p.options[i].ms >= current.ms:
+            return None
+        p.choice = i
+        after = predictor.drift(live)
+        p.choice = keep
+        return (current.ms - p.options[i].ms) / max(after - before, 1e-9) if after <= allowed else None
+
+    return _take_best_move(live, gain)
 
 
 def _step(live: list[SitePlan]) -> bool:
     """Move the one site whose switch to a more accurate option buys the most drift per ms."""
+
+    def gain(p: SitePlan, i: int) -> float | None:
+        current, option = p.options[p.choice], p.options[i]
+        if option.drift >= current.drift:
+            return None
+        return (current.drift - option.drift) / max(option.ms - current.ms, 1e-3)
+
+    return _take_best_move(live, gain)
+
+
+def _take_best_move(live: list[SitePlan], gain) -> bool:
+    """Switch the one (site, option worth choosing) with the largest positive `gain(site, option)`
+    (None: not a move); False when there is none."""
     best, best_gain = None, 0.0
     for p in live:
-        current = p.options[p.choice]
-        for i, option in enumerate(p.options):
-            if option.drift < current.drift and (i == 0 or option.ms < MIN_GAIN * p.options[0].ms):
-                gain = (current.drift - option.drift) / max(option.ms - current.ms, 1e-3)
-                if gain > best_gain:
-                    best, best_gain = (p, i), gain
+        for i in range(len(p.options)):
+            g = gain(p, i) if _worth(p, i) else None
+            if g is not None and g > best_gain:
+                best, best_gain = (p, i), g
     if best is None:
         return False
     best[0].choice = best[1]
