@@ -169,7 +169,7 @@ def test_default_candidates_span_every_family():
 
     specs = candidates_of("auto")
     names = {s.name for s in specs}
-    assert {"window", "neighborhood", "int8", "linear"} <= names
+    assert {"window", "grid", "neighborhood", "int8", "linear"} <= names
     linear = [s.text for s in specs if s.name == "linear"]
     assert "linear" in linear and any("local=" in t for t in linear)  # plain kernel attention and the hybrid
     assert len({s.text for s in specs}) == len(specs)

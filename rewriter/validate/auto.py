@@ -48,9 +48,12 @@ from attnrewrite.validate import metrics as M
 from attnrewrite.validate import sensitivity as S
 from attnrewrite.validate.runner import make_session, run_batches
 
-#: tried at every site where they apply (sizes wider than the grid are declined by the pass itself)
-DEFAULT_CANDIDATES = ("window:size=4x4", "window:size=8x8", "window:size=16x16", "neighborhood:kernel=5",
-                      "neighborhood:kernel=9", "neighborhood:kernel=17", "int8", "linear", "linear:local=8x8")
+#: tried at every site where they apply (sizes wider than the grid are declined by the pass itself):
+#: local reach (windows, neighbourhoods), strided global reach (MaxViT grid), linear and quantised, because
+#: sites of one model disagree about reach: a trained ViT's first sites tolerate a grid, not a window
+DEFAULT_CANDIDATES = ("window:size=4x4", "window:size=8x8", "window:size=16x16", "grid:size=4x4", "grid:size=8x8",
+                      "neighborhood:kernel=5", "neighborhood:kernel=9", "neighborhood:kernel=17", "int8", "linear",
+                      "linear:local=8x8")
 #: leave-one-in output changes kept for the superposition predictor (beyond it: the sum of drifts)
 SUPERPOSE_BYTES = 2 << 30
 #: the value of each metric when nothing changed; a plan's drift is its distance from it
