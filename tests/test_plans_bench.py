@@ -1,0 +1,68 @@
+"""benchmarks/plans.py's head-to-head timing of auto against the best single-pass plan.
+
+Timings are not asserted; which plans are timed, in both orders, and what is recorded and printed are.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
+
+
+def _model(path: Path, matmuls: int) -> str:
+    """x -> x·W repeated `matmuls` times: two models of the same signature and different cost."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 64], np.eye(64, dtype=np.float32).ravel())
+    nodes, prev = [], "x"
+    for i in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def _rows(tmp_path, auto_meets=True):
+    return [{"model": "m", "plan": "original", "e2e_ms": 1.0, "speedup": 1.0, "sites": "-"},
+            {"model": "m", "plan": "window:size=4x4 --fallback", "path": _model(tmp_path / "a.onnx", 40),
+             "meets_budget": True, "best_single": True, "sites": "2/2", "speedup": 1.5},
+            {"model": "m", "plan": "auto", "path": _model(tmp_path / "b.onnx", 2), "meets_budget": auto_meets,
+             "sites": "2/2", "speedup": 1.6}]
+
+
+def test_duel_times_auto_against_the_best_single_pass_in_both_orders(tmp_path, monkeypatch, capsys):
+    import plans
+
+    calls = []
+    real = plans.B.bench_models
+    monkeypatch.setattr(plans.B, "bench_models", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
+    rows = _rows(tmp_path)
+    plans.duel(rows, {"x": np.ones((1, 64), np.float32)}, 4)
+    best, auto = rows[1]["path"], rows[2]["path"]
+    assert calls == [[best, auto], [auto, best]]
+    d = rows[2]["duel"]
+    assert d["best_single"] == "window:size=4x4 --fallback" and d["repeats"] == 8
+    assert d["auto_vs_best_single"] == pytest.approx(d["best_single_ms"] / d["auto_ms"])
+    plans.MODELS["m"] = {"budget": "cosine>=0.99"}
+    try:
+        plans.print_table(rows)
+    finally:
+        del plans.MODELS["m"]
+    assert "auto against `window:size=4x4 --fallback` head to head (8 interleaved repeats" in capsys.readouterr().out
+
+
+def test_duel_skips_a_plan_that_missed_the_budget(tmp_path):
+    import plans
+
+    rows = _rows(tmp_path, auto_meets=False)
+    plans.duel(rows, {"x": np.ones((1, 64), np.float32)}, 2)
+    assert "duel" not in rows[2]
