@@ -198,6 +198,10 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     if auto and (fallback or target != "onnxruntime"):
         raise InputError("--pass auto already keeps sites within the budget; it takes neither --fallback nor --target.")
     specs = [] if auto else [parse_pass(p) for p in passes]
+    if auto:
+        from attnrewrite.validate.auto import parse_auto
+
+        parse_auto(auto)  # a bad option is a usage error before any model is run
     select.validate(selectors)
     budgets = _budgets(budget_texts)
     replay = _read_plan(plan_in) if plan_in else None

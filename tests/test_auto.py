@@ -165,9 +165,9 @@ def test_superposition_falls_back_to_the_sum_when_changes_are_too_large(monkeypa
 
 def test_default_candidates_span_every_family():
     """The issue's default: every spatial, linear and quantised variant at a few sizes; each a valid --pass."""
-    from attnrewrite.validate.auto import candidates_of
+    from attnrewrite.validate.auto import parse_auto
 
-    specs = candidates_of("auto")
+    specs = parse_auto("auto").candidates
     names = {s.name for s in specs}
     assert {"window", "grid", "neighborhood", "int8", "linear"} <= names
     linear = [s.text for s in specs if s.name == "linear"]
@@ -308,3 +308,36 @@ def test_auto_is_never_slower_than_a_single_candidate_by_the_prediction(seed):
     plan_ms = sum(p.options[p.choice].ms for p in live)
     best_single = min(_fallback_ms(_menu(table, 3.0), j, _PartlyAligned(), 0.01) for j in range(3))
     assert plan_ms <= best_single + 1e-9
+
+
+def test_headroom_plans_inside_the_budget_and_gates_at_it(capsys, tmp_path, vit96):
+    """headroom=F fits the plan within (1 - F) of the budget's drift (the margin a plan fitted to the
+    calibration data needs on unseen inputs); the gate, and the exit code, stay at the budget."""
+    model, calib = vit96
+    drift = {}
+    for headroom in (0.0, 0.6):
+        rc, doc, err = run(capsys, model, "--pass", f"auto:headroom={headroom},{CANDIDATES.partition(':')[2]}",
+                           "--calib", calib, "-o", tmp_path / "h.onnx", "--force", "--budget", "cosine>=0.9", "--json")
+        assert rc == 0, err
+        p = doc["passes"][0]
+        assert p["params"]["headroom"] == headroom and p["params"]["candidates"].startswith("window:size=4x4|")
+        assert p["auto"]["planned_within"] == pytest.approx(0.1 * (1 - headroom))
+        drift[headroom] = p["auto"]["measured_drift"]
+    assert drift[0.0] > 0.04, "without headroom the plan spends more than what 0.6 leaves: the test could not fail"
+    assert drift[0.6] <= 0.04 + 1e-12
+
+
+def test_auto_options_parse_with_candidates_last():
+    from attnrewrite.validate.auto import parse_auto
+
+    options = parse_auto("auto:headroom=0.25,candidates=window:size=4x4|linear:local=8x8,phi=relu")
+    assert options.headroom == 0.25
+    assert [s.text for s in options.candidates] == ["window:size=4x4", "linear:local=8x8,phi=relu"]
+    assert parse_auto("auto").headroom == 0.0 and parse_auto("auto:headroom=0.5").candidates == parse_auto("auto").candidates
+
+
+@pytest.mark.parametrize("text", ["auto:headroom=1", "auto:headroom=-0.1", "auto:headroom=lots",
+                                  "auto:headroom=0.2,sizes=3"])
+def test_bad_auto_options_are_usage_errors_before_any_run(capsys, tmp_path, text):
+    rc, _, err = run(capsys, tmp_path / "missing.onnx", "--pass", text, "--budget", "cosine>=0.9")
+    assert rc == 2 and ("headroom" in err or "candidates=SPEC" in err) and "Traceback" not in err, err

@@ -60,19 +60,53 @@ SUPERPOSE_BYTES = 2 << 30
 PERFECT = {"cosine": 1.0, "top1": 1.0, "rel_l2": 0.0, "max_abs": 0.0}
 
 
-def candidates_of(text: str) -> list[PassSpec]:
-    """`auto` or `auto:candidates=SPEC|SPEC|...` → the candidate specs (each a valid --pass)."""
+@dataclasses.dataclass(frozen=True)
+class AutoOptions:
+    """`--pass auto[:headroom=F][,candidates=SPEC|SPEC|...]`.
+
+    `headroom` plans within (1 - F) of the budget's drift while the gate stays at the budget: the plan
+    is fitted to the calibration data, and one that spends the budget to its edge there can miss it on
+    unseen inputs (a 1025-token digits ViT: 0.9908 on calibration, 0.9890 held out, at cosine>=0.99).
+    """
+
+    candidates: list[PassSpec]
+    headroom: float = 0.0
+
+    def params(self, text: str) -> dict:
+        return {"candidates": text.partition("candidates=")[2] or "default", "headroom": self.headroom}
+
+
+def parse_auto(text: str) -> AutoOptions:
+    """Options come as key=value separated by commas; `candidates` goes last, since its specs carry commas."""
     _, _, rest = text.partition(":")
-    if not rest:
-        return [parse_pass(c) for c in DEFAULT_CANDIDATES]
-    key, _, value = rest.partition("=")
-    if key.strip() != "candidates" or not value.strip():
-        raise InputError(f"--pass {text!r}: auto takes one option, candidates=SPEC|SPEC|... (e.g. "
-                         "auto:candidates=window:size=4x4|int8).")
-    specs = [parse_pass(c.strip()) for c in value.split("|") if c.strip()]
-    if any(s.name == "auto" for s in specs):
+    headroom, candidates = 0.0, None
+    while rest.strip():
+        key, _, value = rest.partition("=")
+        key = key.strip()
+        if key == "candidates" and value.strip():
+            candidates = [parse_pass(c.strip()) for c in value.split("|") if c.strip()]
+            break
+        value, _, rest = value.partition(",")
+        if key != "headroom":
+            raise InputError(f"--pass {text!r}: auto takes headroom=F and candidates=SPEC|SPEC|... (last), e.g. "
+                             "auto:headroom=0.3,candidates=window:size=4x4|int8.")
+        headroom = _fraction(value, text)
+    if candidates is None:
+        candidates = [parse_pass(c) for c in DEFAULT_CANDIDATES]
+    if any(s.name == "auto" for s in candidates):
         raise InputError("auto cannot be its own candidate.")
-    return specs
+    return AutoOptions(candidates, headroom)
+
+
+def _fraction(value: str, text: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 <= number < 1.0:
+        raise InputError(f"--pass {text!r}: headroom is the share of the budget's drift kept unspent, a number in "
+                         f"[0, 1); got {value.strip()!r}.")
+    return number
 
 
 @dataclasses.dataclass
@@ -101,7 +135,7 @@ class SitePlan:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # candidate label -> why not here
 
 
-def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: dict | None = None) -> dict:
+def plan_auto(pipeline, model: ir.Model, options: AutoOptions, plan_in: dict | None = None) -> dict:
     """Choose, apply and validate; returns the report section (`auto`) and per-site outcomes."""
     if not pipeline.budgets:
         raise InputError("--pass auto needs a --budget: it picks the fastest variants the budget allows.")
@@ -113,6 +147,7 @@ def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: di
     canonicalize(model)
     sites = pipeline._check_bias_rows(model, detect(model).sites)
     chosen = select(sites, pipeline.selectors) if pipeline.selectors else list(sites)
+    candidates = options.candidates
     if plan_in is not None:
         chosen, candidates = _replay(chosen, plan_in)
     plans = {s.id: SitePlan(s, [Option(None)]) for s in chosen}
@@ -121,7 +156,7 @@ def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: di
     live = [p for p in plans.values() if len(p.options) > 1]
     if not live:
         return _document(pipeline, plans, start, predicted=0.0, measured=None, steps=0, repairs=0, predictor=None,
-                         relaxed=0)
+                         relaxed=0, limit=None)
     shapes = _shapes(pipeline, model, [p.site for p in live])
     _time(model, live, shapes, pipeline.path)
     _local_drift(pipeline, model, live)
@@ -131,7 +166,10 @@ def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: di
     def run(selection: dict[str, int], tick=None) -> dict[str, np.ndarray]:
         return gated.run(selection, pipeline.batches, outputs, tick)
 
-    allowed = abs(budget.threshold - PERFECT[budget.metric])
+    allowed = abs(budget.threshold - PERFECT[budget.metric]) * (1.0 - options.headroom)
+
+    def missed(metrics) -> bool:
+        return bool(M.check_budgets(pipeline.budgets, metrics)) or _drift(budget, metrics) > allowed
     steps = repairs = relaxed = 0
     predictor = Superposition(budget, pipeline.original_outputs, outputs)
     if plan_in is None:
@@ -152,7 +190,7 @@ def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: di
     with pipeline.progress.task("auto: validating the plan", 1) as tick:
         measured_metrics = S.compare(pipeline.original_outputs, run(selection), outputs)
         tick()
-    while plan_in is None and M.check_budgets(pipeline.budgets, measured_metrics) and _step(live):
+    while plan_in is None and missed(measured_metrics) and _step(live):
         repairs += 1
         selection = {p.site.id: p.choice for p in live}
         predicted = predictor.drift(live)  # the repaired plan's own prediction, made before measuring it
@@ -160,7 +198,7 @@ def plan_auto(pipeline, model: ir.Model, candidates: list[PassSpec], plan_in: di
     gated.close(selection)
     return _document(pipeline, plans, start, predicted=predicted, measured=_drift(budget, measured_metrics),
                      steps=steps, repairs=repairs, predictor=predictor.kind if plan_in is None else None,
-                     relaxed=relaxed)
+                     relaxed=relaxed, limit=allowed if plan_in is None else None)
 
 
 class Superposition:
@@ -473,7 +511,7 @@ def _take_best_move(live: list[SitePlan], gain) -> bool:
 
 
 def _document(pipeline, plans: dict[str, SitePlan], start: float, *, predicted, measured, steps: int,
-              repairs: int, predictor: str | None, relaxed: int) -> dict:
+              repairs: int, predictor: str | None, relaxed: int, limit: float | None) -> dict:
     sites, chosen, base_ms, plan_ms = [], {}, 0.0, 0.0
     for site_id, p in plans.items():
         option = p.options[p.choice]
@@ -498,7 +536,8 @@ def _document(pipeline, plans: dict[str, SitePlan], start: float, *, predicted, 
     return {
         "sites": sites,
         "plan": {"sites": chosen},
-        "auto": {"predicted_drift": predicted, "measured_drift": measured, "predictor": predictor, "search_steps": steps, "relax_steps": relaxed,
+        "auto": {"predicted_drift": predicted, "measured_drift": measured, "planned_within": limit,
+                 "predictor": predictor, "search_steps": steps, "relax_steps": relaxed,
                  "repair_steps": repairs,
                  "metric": pipeline.budgets[0].metric, "site_ms_original": round(base_ms, 3),
                  "site_ms_plan": round(plan_ms, 3), "site_speedup": round(base_ms / plan_ms, 3) if plan_ms else None,

@@ -241,7 +241,8 @@ class Pipeline:
 
         signature = IOSignature.of(model)
         start = time.perf_counter()
-        doc = auto.plan_auto(self, model, auto.candidates_of(text), plan_in)
+        options = auto.parse_auto(text)
+        doc = auto.plan_auto(self, model, options, plan_in)
         finalize(model)
         signature.restore(model)
         check_model(model, self.base_dir, ["auto"])
@@ -249,7 +250,7 @@ class Pipeline:
         with self.progress.task("auto: model drift", len(self.batches)) as tick:
             current = run_batches(session, self.batches, self.output_names, tick)
         vs_original = M.compare_outputs(self.original_outputs, current)
-        return {"pass": "auto", "params": {"candidates": text.partition("=")[2] or "default"}, "label": "auto",
+        return {"pass": "auto", "params": options.params(text), "label": "auto",
                 "exact": False, "seconds": round(time.perf_counter() - start, 3),
                 "rewritten": [s["id"] for s in doc["sites"] if s["status"] == "rewritten"],
                 "kept_original": [s["id"] for s in doc["sites"] if s["status"] == "reverted"],

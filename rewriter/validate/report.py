@@ -188,6 +188,7 @@ def _auto_section(auto: dict) -> Section:
     rows = (("predicted drift", fmt(auto.get("predicted_drift"))),
             ("predicted by", auto.get("predictor") or "-"),
             ("measured drift", fmt(auto.get("measured_drift"))),
+            ("planned within (the budget's drift less any headroom)", fmt(auto.get("planned_within"))),
             ("drift measured as", f"distance of {auto['metric']} from its perfect value"),
             ("search steps (on the prediction)", fmt(auto.get("search_steps"))),
             ("relax steps (back to faster options the budget allows)", fmt(auto.get("relax_steps"))),
