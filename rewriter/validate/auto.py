@@ -71,20 +71,22 @@ class AutoOptions:
 
     candidates: list[PassSpec]
     headroom: float = 0.0
+    candidates_text: str = "default"  # as given, for the report
 
-    def params(self, text: str) -> dict:
-        return {"candidates": text.partition("candidates=")[2] or "default", "headroom": self.headroom}
+    @property
+    def params(self) -> dict:
+        return {"candidates": self.candidates_text, "headroom": self.headroom}
 
 
 def parse_auto(text: str) -> AutoOptions:
     """Options come as key=value separated by commas; `candidates` goes last, since its specs carry commas."""
     _, _, rest = text.partition(":")
-    headroom, candidates = 0.0, None
+    headroom, candidates, given = 0.0, None, "default"
     while rest.strip():
         key, _, value = rest.partition("=")
         key = key.strip()
         if key == "candidates" and value.strip():
-            candidates = [parse_pass(c.strip()) for c in value.split("|") if c.strip()]
+            candidates, given = [parse_pass(c.strip()) for c in value.split("|") if c.strip()], value.strip()
             break
         value, _, rest = value.partition(",")
         if key != "headroom":
@@ -95,7 +97,7 @@ def parse_auto(text: str) -> AutoOptions:
         candidates = [parse_pass(c) for c in DEFAULT_CANDIDATES]
     if any(s.name == "auto" for s in candidates):
         raise InputError("auto cannot be its own candidate.")
-    return AutoOptions(candidates, headroom)
+    return AutoOptions(candidates, headroom, given)
 
 
 def _fraction(value: str, text: str) -> float:

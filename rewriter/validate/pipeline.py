@@ -250,7 +250,7 @@ class Pipeline:
         with self.progress.task("auto: model drift", len(self.batches)) as tick:
             current = run_batches(session, self.batches, self.output_names, tick)
         vs_original = M.compare_outputs(self.original_outputs, current)
-        return {"pass": "auto", "params": options.params(text), "label": "auto",
+        return {"pass": "auto", "params": options.params, "label": "auto",
                 "exact": False, "seconds": round(time.perf_counter() - start, 3),
                 "rewritten": [s["id"] for s in doc["sites"] if s["status"] == "rewritten"],
                 "kept_original": [s["id"] for s in doc["sites"] if s["status"] == "reverted"],
