@@ -57,10 +57,10 @@ MODELS = {
                             "grid:size=8x8", "neighborhood:kernel=17", "linear:local=8x8"]},
     # each full run of this model takes seconds on 2 cores: three passes keep the benchmark near an hour;
     # a local window and two strided-global grids (int8 measured 0.96x here before: slower than softmax)
-    "vitb": {"budget": "cosine>=0.99", "metric_output": None,
+    "vitb": {"budget": "cosine>=0.99", "metric_output": None, "duel_repeats": 10,
              "passes": ["window:size=8x8", "grid:size=8x8", "grid:size=16x16"]},
     # 1025 tokens, three window sizes: passes of different reach, so a per-site mix can beat each alone
-    "vitb512": {"budget": "cosine>=0.99", "metric_output": None,
+    "vitb512": {"budget": "cosine>=0.99", "metric_output": None, "duel_repeats": 30,
                 "passes": ["window:size=4x4", "window:size=8x8", "window:size=16x16"]},
 }
 
@@ -101,6 +101,14 @@ def held_out_cosine(model: Path, target: Path, held: Path, output: str | None) -
     metrics = (audit or {}).get("model_metrics", {})
     values = [m["cosine"] for name, m in metrics.items() if output in (None, name) and "cosine" in m]
     return min(values) if values else None
+
+
+#: head-to-head repeats per order where a model does not say (a ViT-B/16 @ 1024² inference takes ~5-9 s)
+DUEL_REPEATS = 150
+
+
+def duel_repeats_for(name: str, given: int | None) -> int:
+    return given if given is not None else MODELS[name].get("duel_repeats", DUEL_REPEATS)
 
 
 def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = None, duel_repeats: int = 0) -> list[dict]:
@@ -233,10 +241,12 @@ def main(argv=None) -> None:
                     help="the single passes (and auto's candidates) instead of the model's list (repeatable)")
     ap.add_argument("--replot", type=Path, metavar="PLANS_JSON",
                     help="redraw the table and plot of an earlier run's plans.json (beside it) without running")
-    ap.add_argument("--duel-repeats", type=int, default=150, metavar="N",
-                    help="time auto against the best single pass head to head, N repeats per order (0: skip)")
+    ap.add_argument("--duel-repeats", type=int, metavar="N",
+                    help=f"time auto against the best single pass head to head, N repeats per order (0: skip; "
+                         f"default {DUEL_REPEATS}, 10 for vitb, 30 for vitb512)")
     ap.add_argument("--duel", type=Path, metavar="PLANS_JSON",
-                    help="only the head-to-head timing, on the plans an earlier run wrote (updates that plans.json)")
+                    help="only the head-to-head timing, on the plans.json an earlier run wrote in its --out folder "
+                         "(its models and held-out input are read from there; the file is updated)")
     args = ap.parse_args(argv)
     if args.replot:
         rows = json.loads(args.replot.read_text())
@@ -248,14 +258,14 @@ def main(argv=None) -> None:
         for name in dict.fromkeys(r["model"] for r in rows):
             held = prepare(name, args.duel.parent)[2]
             duel([r for r in rows if r["model"] == name], {k: v[:1] for k, v in np.load(held).items()},
-                 args.duel_repeats)
+                 duel_repeats_for(name, args.duel_repeats))
         print_table(rows)
         args.duel.write_text(json.dumps(rows, indent=2))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or ("digits", "minilm"):
-        rows += model_rows(name, args.out, args.repeats, args.passes, args.duel_repeats)
+        rows += model_rows(name, args.out, args.repeats, args.passes, duel_repeats_for(name, args.duel_repeats))
     print_table(rows)
     (args.out / "plans.json").write_text(json.dumps(rows, indent=2))
     plot(rows, args.out / "plans.png")

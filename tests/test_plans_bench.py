@@ -66,3 +66,11 @@ def test_duel_skips_a_plan_that_missed_the_budget(tmp_path):
     rows = _rows(tmp_path, auto_meets=False)
     plans.duel(rows, {"x": np.ones((1, 64), np.float32)}, 2)
     assert "duel" not in rows[2]
+
+
+def test_duel_repeats_follow_the_model_unless_given():
+    import plans
+
+    assert plans.duel_repeats_for("digits32", None) == plans.DUEL_REPEATS
+    assert plans.duel_repeats_for("vitb", None) == 10  # a 1024² inference takes seconds
+    assert plans.duel_repeats_for("vitb", 0) == 0 and plans.duel_repeats_for("digits", 7) == 7
