@@ -15,6 +15,7 @@ import math
 import onnx_ir as ir
 
 from attnrewrite.ir.graph import dims, is_constant
+from attnrewrite.layout import heads_folded
 from attnrewrite.onnx.softmax_fusion import reduced_axes
 
 #: Ops that move or project tokens without mixing them with other token streams.
@@ -142,7 +143,7 @@ def _instances(reading, grid, window) -> int:
     batch = (dims(reading.q) or [None])[0]
     if isinstance(batch, int):
         heads = reading.num_heads
-        folded = reading.output_layout in ("squeeze1", "folded_qk") and heads
+        folded = heads_folded(reading.output_layout) and heads
         return batch // heads if folded and batch % heads == 0 else batch
     if window and grid:
         return (grid[0] // window[0]) * (grid[1] // window[1])
