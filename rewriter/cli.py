@@ -198,10 +198,11 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
     if auto and (fallback or target != "onnxruntime"):
         raise InputError("--pass auto already keeps sites within the budget; it takes neither --fallback nor --target.")
     specs = [] if auto else [parse_pass(p) for p in passes]
+    auto_options = None
     if auto:
         from attnrewrite.validate.auto import parse_auto
 
-        parse_auto(auto)  # a bad option is a usage error before any model is run
+        auto_options = parse_auto(auto)  # a bad option is a usage error before any model runs
     select.validate(selectors)
     budgets = _budgets(budget_texts)
     replay = _read_plan(plan_in) if plan_in else None
@@ -225,7 +226,7 @@ def rewrite_cmd(model, passes, output, calib, shapes, samples, seed, selectors, 
                         fallback_order=fallback_order, attention_maps=bool(report_dir))
     if auto:
         reports = []
-        pass_docs = [pipeline.run_auto(ir_model, auto, replay)]
+        pass_docs = [pipeline.run_auto(ir_model, auto_options, replay)]
         found = bool(pass_docs[0]["sites"])
     else:
         reports = pipeline.run(ir_model, specs)

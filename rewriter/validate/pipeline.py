@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -39,6 +39,9 @@ from attnrewrite.validate import metrics as M
 from attnrewrite.validate import sensitivity as S
 from attnrewrite.validate.runner import make_session, run_batches, session_from_path
 from attnrewrite.validate.signature import IOSignature
+
+if TYPE_CHECKING:
+    from attnrewrite.validate.auto import AutoOptions
 
 SITE_TAG = "attnrewrite.site"
 PASS_TAG = "attnrewrite.pass"
@@ -234,14 +237,13 @@ class Pipeline:
         with self.progress.task("running the original model", len(self.batches)) as tick:
             self.original_outputs = run_batches(original, self.batches, self.output_names, tick)
 
-    def run_auto(self, model: ir.Model, text: str, plan_in: dict | None = None) -> dict:
+    def run_auto(self, model: ir.Model, options: AutoOptions, plan_in: dict | None = None) -> dict:
         """`--pass auto`: choose a candidate per site (`auto.py`), apply it, validate the model; the
         pass's JSON (shaped like `PassReport.to_json`) with the plan and its predicted/measured drift."""
         from attnrewrite.validate import auto
 
         signature = IOSignature.of(model)
         start = time.perf_counter()
-        options = auto.parse_auto(text)
         doc = auto.plan_auto(self, model, options, plan_in)
         finalize(model)
         signature.restore(model)
