@@ -96,6 +96,11 @@ def prepare(name: str, out: Path) -> tuple[Path, Path, Path]:
     return model, calib, held
 
 
+def timing_feeds(held: Path) -> dict[str, np.ndarray]:
+    """One held-out input (batch 1, the shape auto times sites at)."""
+    return {k: v[:1] for k, v in np.load(held).items()}
+
+
 def held_out_cosine(model: Path, target: Path, held: Path, output: str | None) -> float | None:
     rc, audit, _ = cli("audit", model, target, "--calib", held, "--budget", "cosine>=0", "--json")
     metrics = (audit or {}).get("model_metrics", {})
@@ -139,7 +144,7 @@ def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = No
         run(f"{spec} --fallback", spec, "--fallback")
     run("auto", "auto:candidates=" + "|".join(cfg["passes"]))
     timed = [r for r in rows if "path" in r]
-    feeds = {k: v[:1] for k, v in np.load(held).items()}
+    feeds = timing_feeds(held)
     # each plan side by side with the original, one pair at a time: six ViT-B/16 @ 1024² sessions at once
     # took 23 of this machine's 24 GB; a pair keeps the ratio honest at a third of the memory
     bases = []
@@ -169,9 +174,8 @@ def duel(rows: list[dict], feeds: dict, repeats: int) -> None:
     auto = next((r for r in rows if r["plan"] == "auto" and r.get("meets_budget")), None)
     if best is None or auto is None:
         return
-    times = {"best": [], "auto": []}
+    times, by_name = {"best": [], "auto": []}, {"best": best["path"], "auto": auto["path"]}
     for order in (("best", "auto"), ("auto", "best")):
-        by_name = {"best": best["path"], "auto": auto["path"]}
         results = B.bench_models([by_name[k] for k in order], feeds, warmup=5, repeats=repeats)
         for key, res in zip(order, results):
             times[key] += res.times_ms
@@ -257,8 +261,7 @@ def main(argv=None) -> None:
         rows = json.loads(args.duel.read_text())
         for name in dict.fromkeys(r["model"] for r in rows):
             held = prepare(name, args.duel.parent)[2]
-            duel([r for r in rows if r["model"] == name], {k: v[:1] for k, v in np.load(held).items()},
-                 duel_repeats_for(name, args.duel_repeats))
+            duel([r for r in rows if r["model"] == name], timing_feeds(held), duel_repeats_for(name, args.duel_repeats))
         print_table(rows)
         args.duel.write_text(json.dumps(rows, indent=2))
         return
