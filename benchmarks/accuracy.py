@@ -220,6 +220,52 @@ def export_minilm(out: Path, more_calibration: bool = False) -> tuple[Path, Path
     return path, calib, held
 
 
+#: passages of `export_minilm_passages`: calibration and held-out text from disjoint topics
+PASSAGE_CALIB, PASSAGE_HELD = 16, 32
+
+
+def prose_passages(tokenize, body: int) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    """(calibration, held-out) passages of exactly `body` token ids from Python's own language
+    reference (`pydoc_data.topics`, real prose shipped with every Python), each tagged with its topic.
+    Topics, longest first, alternate between the two sides, so no held-out passage shares a topic
+    with a calibration one; `tokenize(text)` gives a topic's token ids."""
+    from pydoc_data.topics import topics
+
+    sides: list[list[tuple[str, list[int]]]] = [[], []]
+    for i, name in enumerate(sorted(topics, key=lambda k: (-len(topics[k]), k))):
+        ids = tokenize(topics[name])
+        sides[i % 2] += [(name, ids[j:j + body]) for j in range(0, len(ids) - body + 1, body)]
+    return sides[0][:PASSAGE_CALIB], sides[1][:PASSAGE_HELD]
+
+
+def export_minilm_passages(out: Path, seq: int = 512) -> tuple[Path, Path, Path]:
+    """MiniLM at a static sequence of `seq` (dynamic batch) on full-length passages of real prose
+    (`prose_passages`): at 512 tokens attention is a quarter of the time and 1-D passes can pay."""
+    import torch
+    import transformers
+
+    from tests.fixtures import text
+
+    model, _ = text._load()
+    with text._offline_quiet():
+        tok = transformers.AutoTokenizer.from_pretrained(text.model_dir(), local_files_only=True)
+    calib, held = prose_passages(lambda t: tok(t, add_special_tokens=False)["input_ids"], seq - 2)
+    rows = np.array([[tok.cls_token_id, *ids, tok.sep_token_id] for _, ids in calib + held], np.int64)
+    feeds = {"input_ids": rows, "attention_mask": np.ones_like(rows), "token_type_ids": np.zeros_like(rows)}
+    path = out / f"minilm{seq}.onnx"
+    if not path.exists():
+        example = tuple(torch.tensor(feeds[k][:2]) for k in text.INPUT_NAMES)
+        axes = {k: {0: "batch"} for k in text.INPUT_NAMES + text.OUTPUT_NAMES}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example, str(path), dynamo=False, opset_version=17,
+                              input_names=text.INPUT_NAMES, output_names=text.OUTPUT_NAMES, dynamic_axes=axes)
+    calib_path, held_path = out / f"minilm{seq}_calib.npz", out / f"minilm{seq}_heldout.npz"
+    np.savez(calib_path, **{k: v[:len(calib)] for k, v in feeds.items()})
+    np.savez(held_path, **{k: v[len(calib):] for k, v in feeds.items()})
+    return path, calib_path, held_path
+
+
 def minilm_rows(out: Path, suite: str = "spatial", passes: list[str] | None = None) -> list[dict]:
     model, calib, held = export_minilm(out, more_calibration=suite == "linear")
     rows = []

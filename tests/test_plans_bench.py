@@ -74,3 +74,14 @@ def test_duel_repeats_follow_the_model_unless_given():
     assert plans.duel_repeats_for("digits32", None) == plans.DUEL_REPEATS
     assert plans.duel_repeats_for("vitb", None) == 10  # a 1024² inference takes seconds
     assert plans.duel_repeats_for("vitb", 0) == 0 and plans.duel_repeats_for("digits", 7) == 7
+
+
+def test_prose_passages_are_full_length_and_held_out_by_topic():
+    from accuracy import PASSAGE_CALIB, PASSAGE_HELD, prose_passages
+
+    words: dict[str, int] = {}
+    calib, held = prose_passages(lambda text: [words.setdefault(w, len(words)) for w in text.split()], 200)
+    assert len(calib) == PASSAGE_CALIB and len(held) == PASSAGE_HELD
+    assert all(len(ids) == 200 for _, ids in calib + held)
+    assert not {topic for topic, _ in calib} & {topic for topic, _ in held}
+    assert len({tuple(ids) for _, ids in calib + held}) == len(calib) + len(held)

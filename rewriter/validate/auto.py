@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from attnrewrite.errors import InputError
@@ -277,43 +278,54 @@ def _add_candidate(pipeline, model, spec: PassSpec, index: int, plans: dict[str,
 
 
 def _shapes(pipeline, model, sites) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Q/K/V/bias shapes per site on one calibration sample (what the sites are timed at)."""
-    values = lone.site_activations(model, pipeline.base_dir, sites, pipeline.batches[0])
+    """Per site, on one calibration sample (what the sites are timed at): the shapes of Q/K/V/bias
+    (what a rewrite reads) and of the inputs of the site's own nodes (`lone.exported_name`)."""
+    values = lone.site_activations(model, pipeline.base_dir, sites, pipeline.batches[0], exported=True)
     out = {}
     for s in sites:
         roles = {"q": s.q, "k": s.k, "v": s.v, **({"bias": s.bias} if s.bias is not None else {})}
         out[s.id] = {role: tuple(values[v.name].shape) for role, v in roles.items()}
+        out[s.id].update({lone.exported_name(v): tuple(values[v.name].shape) for v in lone.exported_inputs(s)})
     return out
 
 
+#: the original site as the exporter wrote it (`lone.as_exported`); older cache entries timed a canonical one
+ORIGINAL_KEY = "original as exported"
+
+
 def _time(model: ir.Model, live: list[SitePlan], shapes, model_path: Path) -> None:
-    """Median ms of every option at every site, timed alone; shared by sites with equal shapes and
-    semantics and cached per model and shape."""
+    """Median ms of every option at every site, each site's options timed side by side alone (the
+    original as the model has it); shared by sites with equal shapes and semantics and cached per
+    model and shape."""
     cache_path = _cache_path()
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:16]
-    pending: dict[str, tuple] = {}
+    groups: dict[str, dict[str, onnx.ModelProto]] = {}
+    feeds_for: dict[str, dict[str, np.ndarray]] = {}
     keys = {}
     for p in live:
         shape = shapes[p.site.id]
-        semantics = json.dumps([shape, p.site.info.grid, p.site.info.prefix_tokens, p.site.info.suffix_tokens,
-                                p.site.info.bias_kind], default=str)
+        roles = {k: v for k, v in shape.items() if k in ("q", "k", "v", "bias")}
+        exported = lone.exported_inputs(p.site)
+        # by shapes, not names: the sites of a stack share one timing
+        semantics = json.dumps([roles, [(shape[lone.exported_name(v)], str(v.dtype)) for v in exported],
+                                p.site.info.grid, p.site.info.prefix_tokens, p.site.info.suffix_tokens,
+                                p.site.info.bias_kind, [n.op_type for n in p.site.nodes]], default=str)
         for option in p.options:
-            key = f"{digest}|{semantics}|{option.spec.text if option.spec else 'original'}"
+            key = f"{digest}|{semantics}|{option.spec.text if option.spec else ORIGINAL_KEY}"
             keys[id(option)] = key
-            if key not in cache and key not in pending:
-                proto = (lone.rewritten(model, option.spec, p.site, option.plan, shape) if option.spec
-                         else lone.original(model, p.site, shape))
-                pending[key] = (proto, shape)
-    by_shape: dict[str, list[str]] = {}
-    for key, (_, shape) in pending.items():
-        by_shape.setdefault(json.dumps(shape), []).append(key)
-    for shape_text, group in by_shape.items():
-        feeds = lone.random_feeds({k: tuple(v) for k, v in json.loads(shape_text).items()})
-        results = B.bench_models([pending[k][0] for k in group], feeds, warmup=1, repeats=5)
+            if key in cache or key in groups.get(semantics, {}):
+                continue
+            groups.setdefault(semantics, {})[key] = (
+                lone.rewritten(model, option.spec, p.site, option.plan, roles) if option.spec
+                else lone.as_exported(model, p.site, shape))
+            dtypes = {lone.exported_name(v): v.dtype.numpy() for v in exported if v.dtype}
+            feeds_for[semantics] = lone.random_feeds(shape, dtypes=dtypes)
+    for semantics, group in groups.items():
+        results = B.bench_models(list(group.values()), feeds_for[semantics], warmup=1, repeats=5)
         for key, result in zip(group, results):
             cache[key] = result.median_ms
-    if pending:
+    if groups:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         from attnrewrite.validate.report import atomic_write
 
