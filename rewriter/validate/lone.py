@@ -82,7 +82,9 @@ def as_exported(model: ir.Model, site, shapes: dict[str, tuple[int, ...]]) -> on
         for old, new in zip(node.outputs, copy.outputs):
             new.name, new.type = old.name, old.type
             mapped[id(old)] = new
-    graph.outputs.append(mapped[id(site.output)])
+    out = mapped[id(site.output)]
+    out.name = "out"
+    graph.outputs.append(out)
     return ir.to_proto(ir.Model(graph, ir_version=model.ir_version))
 
 
