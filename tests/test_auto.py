@@ -51,7 +51,8 @@ def test_auto_plan_meets_the_budget_and_replays(capsys, tmp_path, vit96):
     assert p["metrics_vs_original"]["logits"]["cosine"] >= 0.99
     assert abs(auto["measured_drift"] - (1 - p["metrics_vs_original"]["logits"]["cosine"])) < 1e-9
     assert auto["predicted_drift"] is not None and auto["site_ms_plan"] <= auto["site_ms_original"]
-    assert auto["predictor"] == "superposition of leave-one-in output changes"
+    assert auto["predictor"].startswith("superposition of leave-one-in output changes plus in-context interactions")
+    assert 0.0 <= auto["interaction_weight"] <= 1.0
     assert p["rewritten"], "local variants beat softmax at 577 tokens"
     for site in p["sites"]:
         plan = site["plan"]
@@ -78,10 +79,13 @@ def test_a_tight_budget_keeps_more_sites_original(capsys, tmp_path, vit96):
     model, calib = vit96
     chosen = {}
     for budget in ("cosine>=0.9", "cosine>=0.99999"):
-        rc, doc, err = run(capsys, model, "--pass", CANDIDATES, "--calib", calib, "-o", tmp_path / "t.onnx", "--force",
-                           "--budget", budget, "--json")
+        # the first-order predictor alone (half the runs) plans by the same rules
+        rc, doc, err = run(capsys, model, "--pass", CANDIDATES.replace("auto:", "auto:predictor=superposition,"),
+                           "--calib", calib, "-o", tmp_path / "t.onnx", "--force", "--budget", budget, "--json")
         assert rc == 0, err
         p = doc["passes"][0]
+        assert p["auto"]["predictor"] == "superposition of leave-one-in output changes"
+        assert p["auto"]["interaction_weight"] is None
         chosen[budget] = p["auto"]["site_ms_plan"]
         assert p["metrics_vs_original"]["logits"]["cosine"] >= float(budget.split(">=")[1])
     assert chosen["cosine>=0.99999"] >= chosen["cosine>=0.9"]
@@ -149,6 +153,82 @@ def test_superposition_sees_whether_site_changes_line_up(direction, expected):
     else:
         assert predicted < 1e-6
     assert predictor.kind.startswith("superposition")
+
+
+def _pairwise_model(n=6, gamma=0.6, seed=0):
+    """Outputs of a model whose sites interact pairwise: y(P) = y0 + Σ d_i + γ Σ_{i<j in P} (d_i ⊙ d_j)/s,
+    a compounding that the leave-one-in runs cannot see."""
+    rng = np.random.default_rng(seed)
+    y0 = rng.standard_normal((4, 32))
+    d = [0.08 * rng.standard_normal((4, 32)) for _ in range(n)]
+
+    def outputs(plan: set[int]) -> dict[str, np.ndarray]:
+        y = y0 + sum((d[i] for i in plan), np.zeros_like(y0))
+        for i in plan:
+            for j in plan:
+                if i < j:
+                    y = y + gamma * (d[i] * d[j] / 0.08 + 0.5 * (d[i] + d[j]))
+        return {"y": y}
+
+    return y0, outputs
+
+
+def _anchored(outputs, y0, n, budget, allowed):
+    from attnrewrite.validate.auto import Superposition
+
+    predictor = Superposition(budget, {"y": y0}, ["y"])
+    for i in range(n):
+        predictor.add(f"attn_{i}", 1, outputs({i}))
+    everywhere = set(range(n))
+    predictor.add_anchor({f"attn_{i}": 1 for i in range(n)}, outputs(everywhere),
+                         {f"attn_{i}": outputs(everywhere - {i}) for i in range(n)})
+    predictor.fit(allowed)
+    return predictor
+
+
+def test_interactions_predict_the_compounding_the_superposition_misses():
+    """Fitted on the candidate-everywhere plan only, the interaction term predicts plans it never saw
+    (half the sites, two thirds) far closer than the first-order superposition, which undershoots."""
+    from attnrewrite.validate import metrics as M
+    from attnrewrite.validate.auto import _drift
+
+    n, budget = 6, M.parse_budget("cosine>=0.99")
+    y0, outputs = _pairwise_model(n)
+    predictor = _anchored(outputs, y0, n, budget, allowed=0.05)
+    assert 0.3 <= predictor.weight <= 0.7  # 1/2 is exact for purely pairwise interactions at full reach
+    for on in ({0, 2, 4}, {1, 2, 3, 5}, {0, 1}):
+        choices = [int(i in on) for i in range(n)]
+        measured = _drift(budget, M.compare_outputs({"y": y0}, outputs(on)))
+        weight, predictor.weight = predictor.weight, 0.0
+        first_order = predictor.drift(_plans(*choices))
+        predictor.weight = weight
+        predicted = predictor.drift(_plans(*choices))
+        assert first_order < measured
+        assert abs(predicted - measured) < 0.5 * abs(first_order - measured), (on, measured, predicted, first_order)
+    assert "weight" in predictor.kind and "1 of 1" in predictor.kind
+
+
+def test_interactions_stay_out_of_an_additive_model():
+    """Without compounding the in-context changes equal the leave-one-in ones: the prediction is the
+    superposition's, whatever weight is fitted."""
+    from attnrewrite.validate import metrics as M
+
+    n, budget = 5, M.parse_budget("cosine>=0.99")
+    y0, outputs = _pairwise_model(n, gamma=0.0)
+    predictor = _anchored(outputs, y0, n, budget, allowed=0.05)
+    plan = _plans(1, 0, 1, 1, 0)
+    with_weight = predictor.drift(plan)
+    predictor.weight = 0.0
+    assert with_weight == pytest.approx(predictor.drift(plan), rel=1e-5)
+
+
+def test_anchors_far_outside_the_budget_do_not_fit_the_weight():
+    from attnrewrite.validate import metrics as M
+
+    n, budget = 6, M.parse_budget("cosine>=0.99")
+    y0, outputs = _pairwise_model(n)
+    predictor = _anchored(outputs, y0, n, budget, allowed=1e-5)
+    assert predictor.weight == 0.0 and "fitted on 0 of 1" in predictor.kind
 
 
 def test_superposition_falls_back_to_the_sum_when_changes_are_too_large(monkeypatch):
@@ -334,10 +414,12 @@ def test_auto_options_parse_with_candidates_last():
     assert options.headroom == 0.25
     assert [s.text for s in options.candidates] == ["window:size=4x4", "linear:local=8x8,phi=relu"]
     assert parse_auto("auto").headroom == 0.0 and parse_auto("auto:headroom=0.5").candidates == parse_auto("auto").candidates
+    assert parse_auto("auto").predictor == "interactions"
+    assert parse_auto("auto:predictor=superposition,headroom=0.1").predictor == "superposition"
 
 
 @pytest.mark.parametrize("text", ["auto:headroom=1", "auto:headroom=-0.1", "auto:headroom=lots",
-                                  "auto:headroom=0.2,sizes=3"])
+                                  "auto:headroom=0.2,sizes=3", "auto:predictor=oracle"])
 def test_bad_auto_options_are_usage_errors_before_any_run(capsys, tmp_path, text):
     rc, _, err = run(capsys, tmp_path / "missing.onnx", "--pass", text, "--budget", "cosine>=0.9")
     assert rc == 2 and ("headroom" in err or "candidates=SPEC" in err) and "Traceback" not in err, err
