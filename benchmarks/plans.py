@@ -125,28 +125,41 @@ def duel_repeats_for(name: str, given: int | None) -> int:
     return given if given is not None else MODELS[name].get("duel_repeats", DUEL_REPEATS)
 
 
+def plan_row(name: str, cfg: dict, paths: tuple[Path, Path, Path], target: Path, label: str, spec: str,
+             *extra: str) -> dict:
+    """One plan written by the CLI at the model's budget, with its calibration and held-out drift."""
+    model, calib, held = paths
+    rc, doc, err = cli(model, "--pass", spec, "--calib", calib, "-o", target, "--force", "--json",
+                       "--budget", cfg["budget"], *extra)
+    if doc is None or not target.exists():
+        return {"model": name, "plan": label, "error": err}
+    p = doc["passes"][0]
+    total = sum(1 for s in p["sites"] if s["status"] in ("rewritten", "reverted"))
+    metrics = p["metrics_vs_original"]
+    cos = [m["cosine"] for o, m in metrics.items() if cfg["metric_output"] in (None, o)]
+    return {"model": name, "plan": label, "path": str(target), "meets_budget": rc == 0,
+            "sites": f"{len(p['rewritten'])}/{total}", "calib_cosine": min(cos),
+            "heldout_cosine": held_out_cosine(model, target, held, cfg["metric_output"]),
+            **({"predicted_drift": p["auto"]["predicted_drift"], "measured_drift": p["auto"]["measured_drift"],
+                "predictor": p["auto"].get("predictor"), "site_speedup": p["auto"].get("site_speedup"),
+                "chosen": {s["id"]: s["plan"]["chosen"] for s in p["sites"]}} if "auto" in p else {})}
+
+
+def time_against_original(model: Path, row: dict, feeds: dict, repeats: int) -> float:
+    """The plan's end-to-end ms and speed-up from its own pair with the original; returns the original's ms."""
+    base, res = B.bench_models([str(model), row["path"]], feeds, warmup=1, repeats=repeats)
+    row["e2e_ms"], row["speedup"] = res.median_ms, base.median_ms / res.median_ms
+    return base.median_ms
+
+
 def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = None, duel_repeats: int = 0) -> list[dict]:
     cfg = {**MODELS[name], **({"passes": passes} if passes else {})}
-    model, calib, held = prepare(name, out)
+    paths = prepare(name, out)
+    model, held = paths[0], paths[2]
     rows = []
 
     def run(label: str, spec: str, *extra: str) -> None:
-        target = out / f"{model.stem}.plan_{len(rows)}.onnx"
-        rc, doc, err = cli(model, "--pass", spec, "--calib", calib, "-o", target, "--force", "--json",
-                           "--budget", cfg["budget"], *extra)
-        if doc is None or not target.exists():
-            rows.append({"model": name, "plan": label, "error": err})
-            return
-        p = doc["passes"][0]
-        total = sum(1 for s in p["sites"] if s["status"] in ("rewritten", "reverted"))
-        metrics = p["metrics_vs_original"]
-        cos = [m["cosine"] for o, m in metrics.items() if cfg["metric_output"] in (None, o)]
-        rows.append({"model": name, "plan": label, "path": str(target), "meets_budget": rc == 0,
-                     "sites": f"{len(p['rewritten'])}/{total}", "calib_cosine": min(cos),
-                     "heldout_cosine": held_out_cosine(model, target, held, cfg["metric_output"]),
-                     **({"predicted_drift": p["auto"]["predicted_drift"], "measured_drift": p["auto"]["measured_drift"],
-                         "predictor": p["auto"].get("predictor"), "site_speedup": p["auto"].get("site_speedup"),
-                         "chosen": {s["id"]: s["plan"]["chosen"] for s in p["sites"]}} if "auto" in p else {})})
+        rows.append(plan_row(name, cfg, paths, out / f"{model.stem}.plan_{len(rows)}.onnx", label, spec, *extra))
 
     for spec in cfg["passes"]:
         run(f"{spec} --fallback-order local", spec, "--fallback", "--fallback-order", "local")
@@ -156,11 +169,7 @@ def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = No
     feeds = timing_feeds(held)
     # each plan side by side with the original, one pair at a time: six ViT-B/16 @ 1024² sessions at once
     # took 23 of this machine's 24 GB; a pair keeps the ratio honest at a third of the memory
-    bases = []
-    for r in timed:
-        base, res = B.bench_models([str(model), r["path"]], feeds, warmup=1, repeats=repeats)
-        bases.append(base.median_ms)
-        r["e2e_ms"], r["speedup"] = res.median_ms, base.median_ms / res.median_ms
+    bases = [time_against_original(model, r, feeds, repeats) for r in timed]
     base = float(np.median(bases)) if bases else None
     rows.insert(0, {"model": name, "plan": "original", "e2e_ms": base, "speedup": 1.0, "sites": "-"})
     singles = [r for r in timed if r["plan"].endswith(" --fallback") and r["meets_budget"]]
@@ -170,6 +179,22 @@ def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = No
     if duel_repeats:
         duel(rows, feeds, duel_repeats)
     return rows
+
+
+def rerun_auto(rows: list[dict], folder: Path, repeats: int, duel_repeats: int | None) -> None:
+    """Plan auto again on an earlier run's models (after a change to auto; the single-pass rows stand),
+    time it against the original and head to head against the best single pass."""
+    for name in dict.fromkeys(r["model"] for r in rows):
+        cfg = MODELS[name]
+        paths = prepare(name, folder)
+        old = next(r for r in rows if r["model"] == name and r["plan"] == "auto")
+        target = Path(old["path"]) if "path" in old else folder / f"{paths[0].stem}.plan_auto.onnx"
+        row = plan_row(name, cfg, paths, target, "auto", "auto:candidates=" + "|".join(cfg["passes"]))
+        rows[rows.index(old)] = row
+        feeds = timing_feeds(paths[2])
+        if "path" in row:
+            time_against_original(paths[0], row, feeds, repeats)
+        duel([r for r in rows if r["model"] == name], feeds, duel_repeats_for(name, duel_repeats))
 
 
 def duel(rows: list[dict], feeds: dict, repeats: int) -> None:
@@ -260,11 +285,21 @@ def main(argv=None) -> None:
     ap.add_argument("--duel", type=Path, metavar="PLANS_JSON",
                     help="only the head-to-head timing, on the plans.json an earlier run wrote in its --out folder "
                          "(its models and held-out input are read from there; the file is updated)")
+    ap.add_argument("--rerun-auto", type=Path, metavar="PLANS_JSON",
+                    help="plan auto again on an earlier run's models (its --out folder) and time it; the single-pass "
+                         "rows stand (the file and plot are updated)")
     args = ap.parse_args(argv)
     if args.replot:
         rows = json.loads(args.replot.read_text())
         print_table(rows)
         plot(rows, args.replot.with_suffix(".png"))
+        return
+    if args.rerun_auto:
+        rows = json.loads(args.rerun_auto.read_text())
+        rerun_auto(rows, args.rerun_auto.parent, args.repeats, args.duel_repeats)
+        print_table(rows)
+        args.rerun_auto.write_text(json.dumps(rows, indent=2))
+        plot(rows, args.rerun_auto.with_suffix(".png"))
         return
     if args.duel:
         rows = json.loads(args.duel.read_text())

@@ -85,3 +85,24 @@ def test_prose_passages_are_full_length_and_held_out_by_topic():
     assert all(len(ids) == 200 for _, ids in calib + held)
     assert not {topic for topic, _ in calib} & {topic for topic, _ in held}
     assert len({tuple(ids) for _, ids in calib + held}) == len(calib) + len(held)
+
+
+def test_rerun_auto_replaces_only_the_auto_row_and_times_it(tmp_path, monkeypatch):
+    import plans
+
+    rows = _rows(tmp_path)
+    rows[2]["predicted_drift"] = 0.5
+    single = dict(rows[1])
+    fresh = {"model": "m", "plan": "auto", "path": _model(tmp_path / "c.onnx", 1), "meets_budget": True,
+             "sites": "2/2", "predicted_drift": 0.004}
+    paths = (Path(rows[1]["path"]), tmp_path / "calib.npz", tmp_path / "held.npz")
+    np.savez(paths[2], x=np.ones((3, 64), np.float32))
+    planned = []
+    monkeypatch.setitem(plans.MODELS, "m", {"budget": "cosine>=0.99", "passes": ["window:size=4x4"]})
+    monkeypatch.setattr(plans, "prepare", lambda name, folder: paths)
+    monkeypatch.setattr(plans, "plan_row", lambda name, cfg, p, target, label, spec: planned.append(
+        (target, spec)) or dict(fresh))
+    plans.rerun_auto(rows, tmp_path, repeats=2, duel_repeats=2)
+    assert planned == [(tmp_path / "b.onnx", "auto:candidates=window:size=4x4")]  # the old plan's file, rewritten
+    assert rows[1] == single and rows[2]["predicted_drift"] == 0.004
+    assert rows[2]["speedup"] > 0 and rows[2]["duel"]["repeats"] == 4
