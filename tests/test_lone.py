@@ -21,7 +21,7 @@ def _sites(exp):
 
 
 @pytest.mark.parametrize("name, exporter", [("minilm", "torchscript17"), ("hf_vit_sdpa", "torchscript17"),
-                                            ("hf_vit", "dynamo18")])
+                                            ("hf_vit", "dynamo18"), ("hf_vit", "dynamo23")])
 def test_a_site_alone_as_exported_computes_what_it_computes_in_the_model(exported, name, exporter):
     exp = exported(name, exporter)
     model, sites = _sites(exp)
@@ -29,6 +29,7 @@ def test_a_site_alone_as_exported_computes_what_it_computes_in_the_model(exporte
     names = [s.output.name for s in sites] + [v.name for s in sites for v in lone.exported_inputs(s)]
     values = outputs = ort_run(ir.to_proto(model), feeds, list(dict.fromkeys(names)))
     for site in sites:
+        assert lone.exports_alone(site)
         inputs = lone.exported_inputs(site)
         feed = {lone.exported_name(v): values[v.name] for v in inputs}
         alone = lone.as_exported(model, site, {k: v.shape for k, v in feed.items()})
@@ -45,3 +46,10 @@ def test_the_sdpa_export_keeps_its_nan_guard_alone(exported):
               for v in lone.exported_inputs(sites[0])}
     ops = [n.op_type for n in lone.as_exported(model, sites[0], shapes).graph.node]
     assert "IsNaN" in ops and ops.count("Softmax") == 1
+
+
+def test_a_site_whose_nodes_do_not_compute_its_output_is_not_cut_out():
+    """Such a site is timed as a plain softmax attention instead (`lone.original`)."""
+    from types import SimpleNamespace
+
+    assert not lone.exports_alone(SimpleNamespace(nodes=(), output=object()))

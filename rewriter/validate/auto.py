@@ -409,9 +409,13 @@ def _time(model: ir.Model, live: list[SitePlan], shapes, model_path: Path) -> No
             keys[id(option)] = key
             if key in cache or key in groups.get(semantics, {}):
                 continue
-            groups.setdefault(semantics, {})[key] = (
-                lone.rewritten(model, option.spec, p.site, option.plan, roles) if option.spec
-                else lone.as_exported(model, p.site, shape))
+            if option.spec:
+                proto = lone.rewritten(model, option.spec, p.site, option.plan, roles)
+            elif lone.exports_alone(p.site):
+                proto = lone.as_exported(model, p.site, shape)
+            else:
+                proto = lone.original(model, p.site, roles)
+            groups.setdefault(semantics, {})[key] = proto
             dtypes = {lone.exported_name(v): v.dtype.numpy() for v in exported if v.dtype}
             feeds_for[semantics] = lone.random_feeds(shape, dtypes=dtypes)
     for semantics, group in groups.items():

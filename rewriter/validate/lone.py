@@ -88,8 +88,14 @@ def as_exported(model: ir.Model, site, shapes: dict[str, tuple[int, ...]]) -> on
     return ir.to_proto(ir.Model(graph, ir_version=model.ir_version))
 
 
+def exports_alone(site) -> bool:
+    """Whether the site's own nodes compute its output (a site found without them cannot be cut out)."""
+    return any(o is site.output for n in site.nodes for o in n.outputs)
+
+
 def original(model: ir.Model, site, shapes) -> onnx.ModelProto:
-    """softmax(scale·QKᵀ + bias)·V as plain ops: what the site costs before any rewrite."""
+    """softmax(scale·QKᵀ + bias)·V as plain ops: what the site costs before any rewrite, where the
+    site's own nodes cannot be cut out (`exports_alone`)."""
     return site_model(model, site, shapes, lambda graph, lone: softmax_attention(
         ir_tape.Tape(graph), lone.q, lone.k, lone.v, site.scale, lone.bias, np.float32))
 
