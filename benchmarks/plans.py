@@ -17,7 +17,8 @@ model is timed end to end beside the original (the pair interleaved in one proce
 to bound memory; the original's row is the median of its pair timings), on one held-out input (batch 1,
 the shape auto times sites at); the "best single-pass plan" is the fastest fallback plan that meets the
 budget on calibration. Then auto's plan and the best single-pass plan are timed head to head, in both
-orders (`--duel-repeats` per order; `--duel plans.json` reruns only that on an earlier run's plans),
+orders (`--duel-repeats` per order; `--duel plans.json` reruns only that on an earlier run's plans, and
+`--rerun-auto plans.json` plans and times auto again there after a change to auto),
 because they can be a few per cent apart and pairs with the original are noisier than that. Prints one
 table per model and writes `plans.json` and `plans.png` (held-out cosine against end-to-end speed-up).
 """
