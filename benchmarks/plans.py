@@ -57,7 +57,7 @@ MODELS = {
     "digits32": {"budget": "cosine>=0.99", "metric_output": "logits",
                  "passes": ["window:size=4x4", "window:size=8x8", "window:size=16x16", "grid:size=4x4",
                             "grid:size=8x8", "neighborhood:kernel=17", "linear:local=8x8"]},
-    # MiniLM on 512-token passages of real prose: attention is a quarter of the time, so passes pay here
+    # MiniLM on 512-token passages of real prose: attention is nearly half the time, so passes pay here
     # (at 64 tokens none was 5 % faster than softmax); its last site takes no block-sparse pattern
     # (PARO at 0.25: 0.042 alone) that its first sites take easily (0.003), and the reverse for windows
     "minilm512": {"budget": "sentence_embedding:cosine>=0.99", "metric_output": "sentence_embedding",

@@ -230,7 +230,7 @@ class Superposition:
     where reach is how much the plan's other sites change the output (the norms of their leave-one-in
     changes) relative to the anchor's other sites: a pairwise interaction grows with its partner. The one
     `weight` is fitted (0 to 1) so that the anchors near the budget are predicted as measured: 1/2 would be
-    exact if interactions were only pairwise; on the ViT-B they saturate and it came out near 1/3."""
+    exact if interactions were only pairwise; on the ViT-B they saturate and it came out 0.40."""
 
     #: anchors up to this multiple of the allowed drift fit the weight; further out compounding is another regime
     FIT_REGIME = 4.0
