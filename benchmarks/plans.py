@@ -126,6 +126,11 @@ def duel_repeats_for(name: str, given: int | None) -> int:
     return given if given is not None else MODELS[name].get("duel_repeats", DUEL_REPEATS)
 
 
+def auto_spec(cfg: dict) -> str:
+    """auto over the model's single passes (the same menu in a full run and in `--rerun-auto`)."""
+    return "auto:candidates=" + "|".join(cfg["passes"])
+
+
 def plan_row(name: str, cfg: dict, paths: tuple[Path, Path, Path], target: Path, label: str, spec: str,
              *extra: str) -> dict:
     """One plan written by the CLI at the model's budget, with its calibration and held-out drift."""
@@ -165,7 +170,7 @@ def model_rows(name: str, out: Path, repeats: int, passes: list[str] | None = No
     for spec in cfg["passes"]:
         run(f"{spec} --fallback-order local", spec, "--fallback", "--fallback-order", "local")
         run(f"{spec} --fallback", spec, "--fallback")
-    run("auto", "auto:candidates=" + "|".join(cfg["passes"]))
+    run("auto", auto_spec(cfg))
     timed = [r for r in rows if "path" in r]
     feeds = timing_feeds(held)
     # each plan side by side with the original, one pair at a time: six ViT-B/16 @ 1024² sessions at once
@@ -190,7 +195,7 @@ def rerun_auto(rows: list[dict], folder: Path, repeats: int, duel_repeats: int |
         paths = prepare(name, folder)
         old = next(r for r in rows if r["model"] == name and r["plan"] == "auto")
         target = Path(old["path"]) if "path" in old else folder / f"{paths[0].stem}.plan_auto.onnx"
-        row = plan_row(name, cfg, paths, target, "auto", "auto:candidates=" + "|".join(cfg["passes"]))
+        row = plan_row(name, cfg, paths, target, "auto", auto_spec(cfg))
         rows[rows.index(old)] = row
         feeds = timing_feeds(paths[2])
         if "path" in row:

@@ -190,7 +190,7 @@ def plan_auto(pipeline, model: ir.Model, options: AutoOptions, plan_in: dict | N
                     metrics = S.compare(pipeline.original_outputs, changed, outputs)
                     option.drift, option.alone = _drift(budget, metrics), S.summary(metrics)
                     predictor.add(p.site.id, i, changed)
-        if options.predictor == "interactions":
+        if options.predictor == "interactions" and predictor.changes is not None:  # else nothing keeps the runs
             _anchor(pipeline, live, predictor, run)
             predictor.fit(allowed)
         steps, relaxed = _search(live, predictor, allowed)
@@ -416,8 +416,9 @@ def _time(model: ir.Model, live: list[SitePlan], shapes, model_path: Path) -> No
             else:
                 proto = lone.original(model, p.site, roles)
             groups.setdefault(semantics, {})[key] = proto
-            dtypes = {lone.exported_name(v): v.dtype.numpy() for v in exported if v.dtype}
-            feeds_for[semantics] = lone.random_feeds(shape, dtypes=dtypes)
+            if semantics not in feeds_for:  # one set of timing inputs per group, not per option
+                dtypes = {lone.exported_name(v): v.dtype.numpy() for v in exported if v.dtype}
+                feeds_for[semantics] = lone.random_feeds(shape, dtypes=dtypes)
     for semantics, group in groups.items():
         results = B.bench_models(list(group.values()), feeds_for[semantics], warmup=1, repeats=5)
         for key, result in zip(group, results):
